@@ -1,0 +1,71 @@
+"""PostgreSQL access: migrations, engines per least-privilege role, and the
+per-transaction tenant setting that row-level security keys on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from infra.settings import ROLES, Settings, libpq_url, sqlalchemy_url
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def migrate(database_url: str, role_password: str | None = None, revision: str = "head") -> None:
+    """Apply migrations; then give the login roles their password, which an
+    external server needs (the embedded one trusts local connections)."""
+    command.upgrade(alembic_config(database_url), revision)
+    if role_password:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+            for role in ROLES:
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(f"ringiflow_{role}"), sql.Literal(role_password)))
+
+
+def current_revision(database_url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine, pool
+
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def role_engine(settings: Settings, role: str, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url(settings.role_database_url(role)),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+async def set_tenant(conn: AsyncConnection, tenant_id: UUID) -> None:
+    """Scope the current transaction to one tenant (RLS policies read this)."""
+    await conn.execute(
+        text("SELECT set_config('ringiflow.tenant_id', :tenant, true)"),
+        {"tenant": str(tenant_id)},
+    )
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

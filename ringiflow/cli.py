@@ -1,0 +1,129 @@
+"""The `ringiflow` operator CLI (SPEC §7)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+from uuid import UUID
+
+import typer
+
+from infra.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="ringiflow", no_args_is_help=True, add_completion=False,
+    help="Run and operate RingiFlow, the event-sourced approval-workflow service.",
+)
+topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics of the catalogue.")
+app.add_typer(topics_app, name="topics")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="State directory (default ~/.ringiflow, or "
+                 "RINGIFLOW_DATA_DIR)."),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _settings(data_dir: Path | None, **overrides: object) -> Settings:
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return load_settings(**overrides)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def up(
+    data_dir: DataDir = None,
+    command_port: Annotated[int | None, typer.Option(help="Command API port (8000).")] = None,
+    query_port: Annotated[int | None, typer.Option(help="Query API port (8001).")] = None,
+) -> None:
+    """Run the whole system: embedded servers for every URL not set, then the
+    command API, relay, workers and query API, supervised."""
+    from ringiflow.supervisor import up as run_up
+
+    overrides: dict[str, object] = {}
+    if command_port is not None:
+        overrides["command_api_port"] = command_port
+    if query_port is not None:
+        overrides["query_api_port"] = query_port
+    settings = _settings(data_dir, **overrides)
+    _configure_logging(settings)
+    raise typer.Exit(run_up(settings))
+
+
+@app.command()
+def run(component: Annotated[str, typer.Argument(help="command-api | query-api | relay | "
+                                                  "workers")]) -> None:
+    """Run one application process (what `up` supervises; used by containers)."""
+    from ringiflow.components import COMPONENTS, run_component
+
+    if component not in COMPONENTS:
+        raise ConfigError(f"unknown component {component!r}; choose one of "
+                          f"{', '.join(COMPONENTS)}")
+    settings = load_settings().with_runtime()
+    _configure_logging(settings)
+    run_component(component, settings)
+
+
+@app.command()
+def migrate(data_dir: DataDir = None) -> None:
+    """Apply database migrations (idempotent)."""
+    from infra import db
+
+    settings = _settings(data_dir).with_runtime()
+    url = settings.require("database_url")
+    db.migrate(url, settings.role_password)
+    typer.echo(f"database at revision {db.current_revision(url)}")
+
+
+@topics_app.command("ensure")
+def topics_ensure(data_dir: DataDir = None, json_out: JsonOut = False) -> None:
+    """Create every topic of the catalogue that is missing."""
+    from infra import kafka
+
+    settings = _settings(data_dir).with_runtime()
+    reports = kafka.ensure_topics(settings.require("kafka_bootstrap"))
+    if json_out:
+        typer.echo(json.dumps([r.__dict__ for r in reports], indent=2))
+    else:
+        for r in reports:
+            typer.echo(f"{r.state:>18}  {r.name}  ({r.partitions} partitions)")
+    if any(r.state == "partition_mismatch" for r in reports):
+        typer.echo("some topics differ from the catalogue's partition count; they were left "
+                   "as they are (repartitioning would break per-aggregate order)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def token(
+    tenant: Annotated[UUID, typer.Option(help="Tenant id (UUID).")],
+    user: Annotated[UUID, typer.Option(help="User id (UUID), the token's subject.")],
+    name: Annotated[str, typer.Option(help="Display name.")] = "dev user",
+    role: Annotated[list[str] | None, typer.Option(help="Role; repeatable.")] = None,
+    ttl_hours: Annotated[float, typer.Option(help="Lifetime in hours.")] = 12.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Print a dev bearer token accepted by both APIs of the running system."""
+    from datetime import timedelta
+
+    from infra.auth import mint_token
+
+    settings = _settings(data_dir)
+    typer.echo(mint_token(settings.dev_jwt_secret, tenant_id=tenant, user_id=user, name=name,
+                          roles=role or ["user"], ttl=timedelta(hours=ttl_hours)))
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)

@@ -1,0 +1,188 @@
+"""Smoke tests: each of the four embedded servers written to and read from
+through the project's own client code, and the schema's guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from uuid import uuid4
+
+import psycopg
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from psycopg import errors
+
+import contract
+from infra import db, kafka
+from infra.clients import (
+    opensearch_client,
+    readiness_checks,
+    redis_client,
+    run_checks,
+)
+from infra.settings import Settings, libpq_url
+from tests.unit.test_contract import envelope
+
+INSERT_EVENT = """
+INSERT INTO event_store.events (event_id, tenant_id, aggregate_type, aggregate_id, version,
+    event_type, occurred_at, payload, aggregate, metadata)
+VALUES (%s, %s, 'workflow', %s, %s, 'WorkflowCreated', now(), '{}', '{}', '{}')
+"""
+
+
+def role_conn(settings: Settings, role: str) -> psycopg.Connection:
+    return psycopg.connect(libpq_url(settings.role_database_url(role)))
+
+
+def set_tenant(conn: psycopg.Connection, tenant: object) -> None:
+    conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
+
+
+def test_postgres_events_are_tenant_scoped_and_append_only(settings: Settings) -> None:
+    tenant, other, aggregate = uuid4(), uuid4(), uuid4()
+    with role_conn(settings, "command") as conn:
+        set_tenant(conn, tenant)
+        conn.execute(INSERT_EVENT, (uuid4(), tenant, aggregate, 1))
+        conn.commit()
+        set_tenant(conn, tenant)
+        assert conn.execute("SELECT count(*) FROM event_store.events WHERE aggregate_id = %s",
+                            (aggregate,)).fetchone() == (1,)
+        conn.commit()
+        set_tenant(conn, other)  # another tenant guessing the id sees nothing
+        assert conn.execute("SELECT count(*) FROM event_store.events WHERE aggregate_id = %s",
+                            (aggregate,)).fetchone() == (0,)
+        conn.commit()
+        # No tenant set: isolation fails closed.
+        assert conn.execute("SELECT count(*) FROM event_store.events").fetchone() == (0,)
+        conn.commit()
+        set_tenant(conn, tenant)
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("UPDATE event_store.events SET version = 2 WHERE aggregate_id = %s",
+                         (aggregate,))
+        conn.rollback()
+        set_tenant(conn, other)
+        with pytest.raises(errors.InsufficientPrivilege):  # RLS WITH CHECK
+            conn.execute(INSERT_EVENT, (uuid4(), tenant, uuid4(), 1))
+        conn.rollback()
+
+
+def test_even_the_owner_cannot_rewrite_history(settings: Settings) -> None:
+    tenant, aggregate = uuid4(), uuid4()
+    with psycopg.connect(libpq_url(settings.database_url or "")) as conn:
+        conn.execute(INSERT_EVENT, (uuid4(), tenant, aggregate, 1))
+        conn.commit()
+        with pytest.raises(errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("DELETE FROM event_store.events WHERE aggregate_id = %s", (aggregate,))
+        conn.rollback()
+
+
+def test_version_is_unique_per_aggregate(settings: Settings) -> None:
+    tenant, aggregate = uuid4(), uuid4()
+    with role_conn(settings, "command") as conn:
+        set_tenant(conn, tenant)
+        conn.execute(INSERT_EVENT, (uuid4(), tenant, aggregate, 1))
+        with pytest.raises(errors.UniqueViolation):
+            conn.execute(INSERT_EVENT, (uuid4(), tenant, aggregate, 1))
+        conn.rollback()
+
+
+def test_query_role_cannot_write_and_projector_cannot_touch_events(settings: Settings) -> None:
+    tenant = uuid4()
+    with role_conn(settings, "query") as conn:
+        set_tenant(conn, tenant)
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO read_model.users VALUES (%s, %s, 'a', 'a@x', 1)",
+                         (uuid4(), tenant))
+        conn.rollback()
+    with role_conn(settings, "projector") as conn:
+        set_tenant(conn, tenant)
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute(INSERT_EVENT, (uuid4(), tenant, uuid4(), 1))
+        conn.rollback()
+        set_tenant(conn, tenant)
+        conn.execute("INSERT INTO read_model.users VALUES (%s, %s, 'a', 'a@x', 1)",
+                     (uuid4(), tenant))
+        conn.rollback()
+
+
+def test_migrations_are_idempotent(settings: Settings) -> None:
+    url = settings.database_url or ""
+    db.migrate(url)
+    assert db.current_revision(url) == "0001"
+
+
+async def test_redis_round_trip(settings: Settings) -> None:
+    client = redis_client(settings.redis_url or "")
+    try:
+        key = f"smoke:{uuid4()}"
+        await client.set(key, "値", ex=60)
+        assert (await client.get(key)).decode() == "値"
+    finally:
+        await client.aclose()
+
+
+async def test_opensearch_round_trip_with_japanese_analysis(settings: Settings) -> None:
+    client = opensearch_client(settings.opensearch_url or "")
+    index = f"smoke-{uuid4().hex}"
+    try:
+        await client.indices.create(index=index, body={"mappings": {"properties": {
+            "title": {"type": "text", "analyzer": "kuromoji"}}}})
+        await client.index(index=index, id="1", body={"title": "東京都の経費精算"},
+                           refresh=True, version=3, version_type="external")
+        found = await client.search(index=index, body={"query": {"match": {"title": "東京"}}})
+        assert found["hits"]["total"]["value"] == 1
+        doc = await client.get(index=index, id="1")
+        assert doc["_version"] == 3
+    finally:
+        await client.indices.delete(index=index)
+        await client.close()
+
+
+async def test_kafka_produce_and_consume_with_java_compatible_partitioning(
+    settings: Settings,
+) -> None:
+    bootstrap = settings.kafka_bootstrap or ""
+    topic = contract.WORKFLOW_EVENTS.name
+    events = [envelope() for _ in range(20)]
+    producer = kafka.producer(bootstrap)
+    delivered: dict[bytes, int] = {}
+
+    def on_delivery(err: object, msg: object) -> None:
+        assert err is None, err
+        delivered[msg.key()] = msg.partition()  # type: ignore[attr-defined]
+
+    for event in events:
+        record = contract.to_record(event)
+        producer.produce(record.topic, record.value, record.key, headers=list(record.headers),
+                         on_delivery=on_delivery)
+    assert producer.flush(10) == 0
+    partitioner = DefaultPartitioner()
+    partitions = list(range(contract.WORKFLOW_EVENTS.partitions))
+    for key, partition in delivered.items():
+        assert partition == partitioner(key, partitions, partitions), "not murmur2"
+
+    consumer = kafka.record_consumer(bootstrap, topic)
+    wanted = {e.event_id for e in events}
+    seen: set = set()
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while not wanted <= seen:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for msg in records:
+                        seen.add(contract.decode_envelope(msg.value).event_id)
+    finally:
+        await consumer.stop()
+
+
+async def test_readiness_reports_every_dependency(settings: Settings) -> None:
+    results = await run_checks(readiness_checks(settings, "query", "kafka", "redis",
+                                                "opensearch"))
+    assert results == {"postgres": "ok", "kafka": "ok", "redis": "ok", "opensearch": "ok"}
+
+
+async def test_readiness_names_an_unreachable_dependency(settings: Settings) -> None:
+    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    results = await run_checks(readiness_checks(broken, None, "redis"), limit_s=3)
+    assert results["redis"].startswith("unreachable"), json.dumps(results)

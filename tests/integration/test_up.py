@@ -1,0 +1,200 @@
+"""`ringiflow up` as a user runs it: a real subprocess on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from uuid import uuid4
+
+import psutil
+import psycopg
+import pytest
+
+from infra.settings import libpq_url
+
+pytestmark = pytest.mark.slow
+
+COMPONENT_PORTS = ("RINGIFLOW_COMMAND_API_PORT", "RINGIFLOW_QUERY_API_PORT",
+                   "RINGIFLOW_RELAY_PORT", "RINGIFLOW_WORKERS_PORT")
+
+
+class Up:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ringiflow", "up"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        self.output: list[str] = []
+
+    def wait_until_up(self, timeout: float = 60) -> float:
+        started = time.monotonic()
+        assert self.process.stdout is not None
+        os.set_blocking(self.process.stdout.fileno(), False)
+        while time.monotonic() - started < timeout:
+            line = self.process.stdout.readline()
+            if line:
+                self.output.append(line)
+                if "RingiFlow is up" in line:
+                    time.sleep(0.3)
+                    self.output.extend(self.process.stdout.readlines())
+                    return time.monotonic() - started
+                continue
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError("ringiflow up did not come up:\n" + "".join(self.output))
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["RINGIFLOW_DATA_DIR"])
+
+    def runtime(self) -> dict:
+        return json.loads((self.data_dir / "runtime.json").read_text())
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+@contextmanager
+def running(env: dict[str, str]) -> Iterator[Up]:
+    up = Up(env)
+    try:
+        up.wait_until_up()
+        yield up
+    finally:
+        if up.process.poll() is None:
+            up.stop()
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float = 15) -> list[psutil.Process]:
+    _gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+def test_up_serves_every_endpoint_restarts_crashes_and_leaves_nothing_behind(
+    cli_env: dict[str, str],
+) -> None:
+    marker = uuid4()
+    with running(cli_env) as up:
+        out = "".join(up.output)
+        for var in COMPONENT_PORTS:
+            base = f"http://127.0.0.1:{cli_env[var]}"
+            assert base in out, f"{base} not printed"
+            assert get(base + "/healthz")[0] == 200
+            status, body = get(base + "/readyz")
+            assert status == 200, body
+        for name in ("PostgreSQL (embedded)", "Redis (embedded)", "Kafka (embedded)",
+                     "OpenSearch (embedded)"):
+            assert name in out
+
+        # A crashed child is restarted.
+        command_api = psutil.Process(up.runtime()["pids"]["command-api"])
+        command_api.kill()
+        url = f"http://127.0.0.1:{cli_env['RINGIFLOW_COMMAND_API_PORT']}/healthz"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if get(url)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("command API was not restarted")
+        with psycopg.connect(libpq_url(up.runtime()["urls"]["database_url"])) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS public.up_marker (id uuid)")
+            conn.execute("INSERT INTO public.up_marker VALUES (%s)", (marker,))
+        children = up.descendants()
+        assert len(children) >= 8
+        assert up.stop(signal.SIGTERM) == 0
+        assert wait_gone(children) == [], "processes left behind after SIGTERM"
+        assert not (up.data_dir / "runtime.json").exists()
+
+    # A second `up` reuses the Postgres data; a SIGKILLed supervisor takes its children along.
+    with running(cli_env) as up:
+        with psycopg.connect(libpq_url(up.runtime()["urls"]["database_url"])) as conn:
+            assert conn.execute("SELECT count(*) FROM public.up_marker WHERE id = %s",
+                                (marker,)).fetchone() == (1,)
+        children = up.descendants()
+        up.stop(signal.SIGKILL)
+        assert wait_gone(children, timeout=30) == [], "orphans after SIGKILL"
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(cli_env: dict[str, str]) -> None:
+    with running(cli_env):
+        second = subprocess.run([sys.executable, "-m", "ringiflow", "up"], env=cli_env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "already running" in second.stderr
+
+
+def _fails_fast(env: dict[str, str], *needles: str, limit_s: float = 30) -> str:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "ringiflow", "up"], env=env,
+                            capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert elapsed < limit_s, f"took {elapsed:.1f} s to fail"
+    return result.stderr
+
+
+@pytest.mark.parametrize("setting", ["RINGIFLOW_POSTGRES_PORT", "RINGIFLOW_COMMAND_API_PORT"])
+def test_a_port_in_use_fails_fast_naming_the_setting(
+    cli_env: dict[str, str], setting: str
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cli_env[setting] = str(busy.getsockname()[1])
+        _fails_fast(cli_env, setting, "already in use")
+
+
+@pytest.mark.parametrize(("setting", "url"), [
+    ("RINGIFLOW_REDIS_URL", "redis://127.0.0.1:1/0"),
+    ("RINGIFLOW_DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:1/db"),
+])
+def test_an_unreachable_url_fails_fast_naming_the_setting(
+    cli_env: dict[str, str], setting: str, url: str
+) -> None:
+    cli_env[setting] = url
+    stderr = _fails_fast(cli_env, setting, "unreachable")
+    assert "hunter2" not in stderr  # secrets are redacted
+
+
+@pytest.mark.parametrize(("binary_env", "setting"), [
+    ("CALF_TANSU_BIN", "RINGIFLOW_KAFKA_BOOTSTRAP"),
+    ("OSMEM_SERVER_BIN", "RINGIFLOW_OPENSEARCH_URL"),
+])
+def test_a_missing_binary_fails_fast_and_stops_what_started(
+    cli_env: dict[str, str], tmp_path: Path, binary_env: str, setting: str
+) -> None:
+    cli_env[binary_env] = str(tmp_path / "no-such-binary")
+    _fails_fast(cli_env, setting, "no-such-binary")
+    pgdata = str(Path(cli_env["RINGIFLOW_DATA_DIR"]) / "postgres")
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if pgdata in " ".join(p.info["cmdline"] or [])]
+    assert wait_gone(leftovers, timeout=10) == []
