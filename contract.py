@@ -8,6 +8,7 @@ depend on it without depending on each other.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -325,3 +326,37 @@ def decode_envelope(
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# --- consistency token (read-your-writes, SPEC §5) ---------------------------
+
+
+@dataclass(frozen=True)
+class ConsistencyToken:
+    """Where a command's write landed; a query waits until its read model has
+    applied `version` of `aggregate_id`. Opaque to clients."""
+
+    aggregate_type: AggregateType
+    aggregate_id: UUID
+    version: int
+    position: int  # global position in the events table
+
+    def encode(self) -> str:
+        raw = json.dumps([self.aggregate_type.value, str(self.aggregate_id), self.version,
+                          self.position], separators=(",", ":"))
+        return "ct1." + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> ConsistencyToken:
+        try:
+            if not token.startswith("ct1."):
+                raise ValueError("unknown prefix")
+            body = token[4:]
+            kind, aggregate_id, version, position = json.loads(
+                base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            )
+            return cls(AggregateType(kind), UUID(aggregate_id), int(version), int(position))
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                "malformed consistency token: send the value a command response returned"
+            ) from exc

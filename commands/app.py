@@ -1,14 +1,293 @@
-"""The command API: validates commands, decides events, appends them with
-their outbox rows in one transaction."""
+"""The command API (SPEC §3): POST /api/v1/commands/...
 
-from __future__ import annotations
+Each route validates its body, resolves what the command needs from other
+aggregates, and hands a builder to `service.execute`, which decides and
+appends in one transaction.
 
-from fastapi import FastAPI
+No `from __future__ import annotations` here: FastAPI must see the body types
+of the routes generated in loops as real objects, not strings."""
 
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from commands import domain, schemas, store
+from commands.service import BuildCommand, CommandContext, Outcome, execute
+from contract import new_trace_id, parse_traceparent
+from infra import problems
+from infra.auth import ApiKey, Authenticator, AuthError, Principal
 from infra.clients import readiness_checks
-from infra.service import service_app
-from infra.settings import Settings
+from infra.problems import Problem
+from infra.service import health_router
+from infra.settings import Settings, libpq_url
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+DIRECTORY_ROLES = {"admin", "service"}
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    return Authenticator(
+        hs256_secret=settings.dev_jwt_secret, jwks_url=settings.jwt_jwks_url,
+        audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+        api_keys=tuple(ApiKey.model_validate(k) for k in settings.api_keys),
+    )
+
+
+def principal_dependency(auth: Authenticator) -> Callable[..., Awaitable[Principal]]:
+    async def authenticate(
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> Principal:
+        try:
+            return auth.authenticate(authorization, x_api_key)
+        except AuthError as exc:
+            raise Problem(401, "unauthenticated", "Authentication required", str(exc),
+                          headers={"WWW-Authenticate": 'Bearer realm="ringiflow"'}) from None
+
+    return authenticate
+
+
+def command_context(request: Request, principal: Principal, body: schemas.CommandBody,
+                    idempotency_key: str | None) -> CommandContext:
+    correlation = request.headers.get("x-correlation-id")
+    try:
+        correlation_id = UUID(correlation) if correlation else uuid4()
+    except ValueError:
+        raise Problem(422, "invalid_header", "Invalid X-Correlation-ID",
+                      f"X-Correlation-ID {correlation!r} is not a UUID") from None
+    trace_id = new_trace_id()
+    if traceparent := request.headers.get("traceparent"):
+        try:
+            trace_id, _ = parse_traceparent(traceparent)
+        except ValueError:
+            pass  # W3C: an invalid traceparent starts a new trace
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise Problem(422, "invalid_header", "Invalid Idempotency-Key",
+                      "Idempotency-Key must be 1-255 visible ASCII characters")
+    # The caller is part of the fingerprint: another user's key never replays to you.
+    fingerprint = (f"{principal.user_id} POST {request.url.path} "
+                   + body.model_dump_json(exclude={"expected_version"}))
+    return CommandContext(principal, uuid4(), correlation_id, trace_id, idempotency_key,
+                          body.expected_version, fingerprint)
+
+
+def respond(response: Response, outcome: Outcome) -> dict:
+    response.status_code = outcome.status_code
+    response.headers["X-Correlation-ID"] = outcome.body["correlation_id"]
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return outcome.body
+
+
+async def user_names(conn: AsyncConnection, ids: set[UUID]) -> dict[UUID, str]:
+    names = {}
+    for user_id in ids:
+        snapshot = await store.latest_snapshot(conn, "user", user_id)
+        if snapshot is not None:
+            names[user_id] = snapshot["display_name"]
+    return names
+
+
+def require_directory_role(principal: Principal, action: str) -> None:
+    if not DIRECTORY_ROLES & set(principal.roles):
+        raise Problem(403, "forbidden", "Not allowed",
+                      f"{action} needs the 'admin' or 'service' role; ask an administrator")
+
+
+def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/commands", tags=["commands"],
+                       responses={401: {"description": "Missing or invalid credentials"},
+                                  409: {"description": "Version conflict or invalid state"},
+                                  422: {"description": "Invalid request (problem+json)"}})
+    Auth = Annotated[Principal, Depends(principal_dependency(auth))]
+    IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+    async def run(request: Request, response: Response, principal: Principal,
+                  body: schemas.CommandBody, key: str | None, aggregate_type: str,
+                  aggregate_id: UUID, build: BuildCommand, created: bool = False) -> dict:
+        ctx = command_context(request, principal, body, key)
+        outcome = await execute(pool_of(), ctx, aggregate_type, aggregate_id, build,
+                                201 if created else 200)
+        return respond(response, outcome)
+
+    def fixed(command: domain.Command) -> BuildCommand:
+        async def build(_conn: AsyncConnection) -> domain.Command:
+            return command
+        return build
+
+    # --- users ------------------------------------------------------------------
+
+    @router.post("/users", status_code=201, response_model=schemas.CommandAccepted,
+                 summary="RegisterUser")
+    async def register_user(body: schemas.RegisterUserBody, request: Request,
+                            response: Response, principal: Auth, key: IdemKey = None) -> dict:
+        require_directory_role(principal, "registering a user")
+        return await run(request, response, principal, body, key, "user",
+                         body.user_id or uuid4(),
+                         fixed(domain.RegisterUser(body.display_name, body.email)), created=True)
+
+    @router.post("/users/{user_id}/rename", response_model=schemas.CommandAccepted,
+                 summary="RenameUser")
+    async def rename_user(user_id: UUID, body: schemas.RenameUserBody, request: Request,
+                          response: Response, principal: Auth, key: IdemKey = None) -> dict:
+        if principal.user_id != user_id:
+            require_directory_role(principal, "renaming another user")
+        return await run(request, response, principal, body, key, "user", user_id,
+                         fixed(domain.RenameUser(body.display_name)))
+
+    # --- definitions --------------------------------------------------------------
+
+    @router.post("/definitions", status_code=201, response_model=schemas.CommandAccepted,
+                 summary="CreateDefinition")
+    async def create_definition(body: schemas.CreateDefinitionBody, request: Request,
+                                response: Response, principal: Auth,
+                                key: IdemKey = None) -> dict:
+        require_directory_role(principal, "creating a definition")
+
+        async def build(conn: AsyncConnection) -> domain.Command:
+            assignees = {s.assignee_id for s in body.steps}
+            missing = assignees - set(await user_names(conn, assignees))
+            if missing:
+                raise unknown_users(missing, "steps[].assignee_id")
+            return domain.CreateDefinition(
+                body.name, tuple(domain.StepTemplate(s.name, s.assignee_id) for s in body.steps),
+                body.description)
+
+        return await run(request, response, principal, body, key, "definition", uuid4(),
+                         build, created=True)
+
+    # --- workflows ----------------------------------------------------------------
+
+    @router.post("/workflows", status_code=201, response_model=schemas.CommandAccepted,
+                 summary="CreateWorkflow")
+    async def create_workflow(body: schemas.CreateWorkflowBody, request: Request,
+                              response: Response, principal: Auth,
+                              key: IdemKey = None) -> dict:
+        async def build(conn: AsyncConnection) -> domain.Command:
+            snapshot = await store.latest_snapshot(conn, "definition", body.definition_id)
+            if snapshot is None:
+                raise Problem(422, "unknown_reference", "Unknown definition",
+                              f"definition_id {body.definition_id} does not exist in your "
+                              "tenant; create it first (POST /api/v1/commands/definitions)")
+            steps = snapshot["steps"]
+            names = await user_names(conn, {UUID(s["assignee_id"]) for s in steps})
+            resolved = []
+            for step in steps:
+                assignee = UUID(step["assignee_id"])
+                if assignee not in names:
+                    raise unknown_users({assignee}, "definition step assignee")
+                resolved.append(domain.ResolvedStep(step["name"], assignee, names[assignee]))
+            return domain.CreateWorkflow(
+                definition_id=body.definition_id, definition_name=snapshot["name"],
+                steps=tuple(resolved), title=body.title, description=body.description,
+                priority=body.priority, due_date=body.due_date,
+                documents=tuple(document_info(d) for d in body.documents))
+
+        return await run(request, response, principal, body, key, "workflow", uuid4(), build,
+                         created=True)
+
+    def workflow_route(path: str, summary: str, body_type: type[schemas.CommandBody],
+                       make: Callable[[Any], domain.Command]) -> None:
+        async def handler(workflow_id: UUID, body: body_type, request: Request,  # type: ignore[valid-type]
+                          response: Response, principal: Auth, key: IdemKey = None) -> dict:
+            return await run(request, response, principal, body, key, "workflow", workflow_id,
+                             fixed(make(body)))
+
+        router.add_api_route(f"/workflows/{{workflow_id}}{path}", handler, methods=["POST"],
+                             response_model=schemas.CommandAccepted, summary=summary,
+                             name=summary)
+
+    workflow_route("/submit", "SubmitWorkflow", schemas.SubmitBody,
+                   lambda b: domain.SubmitWorkflow())
+    workflow_route("/resubmit", "ResubmitWorkflow", schemas.ResubmitBody,
+                   lambda b: domain.ResubmitWorkflow(b.comment))
+    workflow_route("/cancel", "CancelWorkflow", schemas.CancelBody,
+                   lambda b: domain.CancelWorkflow(b.reason))
+    workflow_route("/comments", "AddComment", schemas.CommentBody,
+                   lambda b: domain.AddComment(b.body))
+    workflow_route("/documents", "AttachDocument", schemas.AttachDocumentBody,
+                   lambda b: domain.AttachDocument(**document_info(b).__dict__))
+
+    def step_route(path: str, summary: str, body_type: type[schemas.CommandBody],
+                   make: Callable[[UUID, Any], domain.Command]) -> None:
+        async def handler(workflow_id: UUID, step_id: UUID, body: body_type,  # type: ignore[valid-type]
+                          request: Request, response: Response, principal: Auth,
+                          key: IdemKey = None) -> dict:
+            return await run(request, response, principal, body, key, "workflow", workflow_id,
+                             fixed(make(step_id, body)))
+
+        router.add_api_route(f"/workflows/{{workflow_id}}/steps/{{step_id}}{path}", handler,
+                             methods=["POST"], response_model=schemas.CommandAccepted,
+                             summary=summary, name=summary)
+
+    step_route("/approve", "ApproveStep", schemas.ApproveBody,
+               lambda s, b: domain.ApproveStep(s, b.comment))
+    step_route("/reject", "RejectStep", schemas.DecisionWithReasonBody,
+               lambda s, b: domain.RejectStep(s, b.comment))
+    step_route("/request-changes", "RequestChanges", schemas.DecisionWithReasonBody,
+               lambda s, b: domain.RequestChanges(s, b.comment))
+
+    @router.post("/workflows/{workflow_id}/steps/{step_id}/delegate",
+                 response_model=schemas.CommandAccepted, summary="DelegateStep")
+    async def delegate_step(workflow_id: UUID, step_id: UUID, body: schemas.DelegateBody,
+                            request: Request, response: Response, principal: Auth,
+                            key: IdemKey = None) -> dict:
+        async def build(conn: AsyncConnection) -> domain.Command:
+            names = await user_names(conn, {body.delegate_to})
+            if body.delegate_to not in names:
+                raise unknown_users({body.delegate_to}, "delegate_to")
+            return domain.DelegateStep(step_id, body.delegate_to, names[body.delegate_to],
+                                       body.comment)
+
+        return await run(request, response, principal, body, key, "workflow", workflow_id,
+                         build)
+
+    return router
+
+
+def document_info(body: schemas.DocumentBody) -> domain.DocumentInfo:
+    return domain.DocumentInfo(
+        document_id=body.document_id or uuid4(), filename=body.filename,
+        content_type=body.content_type, size_bytes=body.size_bytes, sha256=body.sha256,
+        url=body.url)
+
+
+def unknown_users(ids: set[UUID], field: str) -> Problem:
+    listed = ", ".join(sorted(str(i) for i in ids))
+    return Problem(422, "unknown_reference", "Unknown user",
+                   f"{field}: user(s) {listed} are not registered in your tenant; register "
+                   "them first (POST /api/v1/commands/users)")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    return service_app("command-api", readiness_checks(settings, "command"))
+    holder: dict[str, AsyncConnectionPool] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(
+            libpq_url(settings.role_database_url("command")), min_size=2,
+            max_size=settings.command_db_pool_size, open=False, timeout=10,
+            kwargs={"prepare_threshold": 1},
+        )
+        await pool.open(wait=False)
+        holder["pool"] = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="RingiFlow command API", version="1", lifespan=lifespan,
+        description="Commands append events to the event store and outbox in one transaction. "
+        "Errors are RFC 9457 problem+json.",
+    )
+    problems.install(app)
+    app.include_router(health_router("command-api", readiness_checks(settings, "command")))
+    app.include_router(build_router(lambda: holder["pool"], authenticator(settings)))
+    return app

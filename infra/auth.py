@@ -1,14 +1,50 @@
-"""Bearer credentials shared by both APIs: HS256 JWTs in development."""
+"""Credentials shared by both APIs: JWT bearer tokens (HS256 with a dev
+secret, or RS256 through a JWKS URL) and API keys for service callers. The
+tenant comes only from the credential, never from the request."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from uuid import UUID
+from functools import cached_property
+from uuid import UUID, uuid5
 
 import jwt
+from pydantic import BaseModel, ConfigDict
 
 ISSUER = "ringiflow"
 AUDIENCE = "ringiflow"
+SERVICE_NAMESPACE = UUID("7b0c3c1e-4b7e-4c3a-9a57-1f2f0a6d8e11")
+
+
+class AuthError(Exception):
+    """401: the message says what was wrong with the credential."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant_id: UUID
+    user_id: UUID
+    name: str
+    roles: tuple[str, ...]
+    kind: str = "user"  # user | service
+
+
+class ApiKey(BaseModel):
+    """One service credential; configured as RINGIFLOW_API_KEYS, a JSON list."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str  # hex digest of the key: the key itself is never stored
+    tenant_id: UUID
+    service: str
+    roles: tuple[str, ...] = ("service",)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def mint_token(
@@ -21,3 +57,67 @@ def mint_token(
         "iss": ISSUER, "aud": AUDIENCE, "iat": now, "nbf": now, "exp": now + ttl,
     }
     return jwt.encode(claims, secret, algorithm="HS256")
+
+
+@dataclass
+class Authenticator:
+    hs256_secret: str | None = None
+    jwks_url: str | None = None
+    audience: str | None = AUDIENCE
+    issuer: str | None = ISSUER
+    api_keys: tuple[ApiKey, ...] = ()
+
+    @cached_property
+    def _jwks(self) -> jwt.PyJWKClient | None:
+        return jwt.PyJWKClient(self.jwks_url, cache_keys=True) if self.jwks_url else None
+
+    def authenticate(self, authorization: str | None, api_key: str | None) -> Principal:
+        if api_key:
+            return self._from_api_key(api_key)
+        if not authorization:
+            raise AuthError("missing credentials: send 'Authorization: Bearer <token>' "
+                            "(mint one with `ringiflow token`) or 'X-API-Key'")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization header must be 'Bearer <token>'")
+        return self.verify_token(token.strip())
+
+    def verify_token(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
+            if algorithm == "HS256" and self.hs256_secret:
+                key: object = self.hs256_secret
+            elif algorithm == "RS256" and self._jwks is not None:
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            else:
+                raise AuthError(f"token algorithm {algorithm!r} is not accepted here")
+            claims = jwt.decode(
+                token, key, algorithms=[algorithm], audience=self.audience, issuer=self.issuer,
+                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+                leeway=30,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired: mint a new one") from None
+        except (jwt.PyJWTError, jwt.PyJWKClientError) as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        try:
+            roles = claims.get("roles") or []
+            return Principal(
+                tenant_id=UUID(str(claims["tenant_id"])), user_id=UUID(str(claims["sub"])),
+                name=str(claims.get("name") or claims["sub"])[:255],
+                roles=tuple(str(r) for r in roles),
+            )
+        except (KeyError, ValueError, TypeError):
+            raise AuthError("token claims must include 'sub' and 'tenant_id' as UUIDs") from None
+
+    def _from_api_key(self, key: str) -> Principal:
+        digest = hash_api_key(key)
+        for candidate in self.api_keys:
+            if hmac.compare_digest(candidate.sha256, digest):
+                return Principal(
+                    tenant_id=candidate.tenant_id,
+                    user_id=uuid5(SERVICE_NAMESPACE, f"{candidate.tenant_id}:{candidate.service}"),
+                    name=candidate.service, roles=candidate.roles, kind="service",
+                )
+        raise AuthError("unknown API key")

@@ -54,7 +54,14 @@ class Settings(BaseSettings):
     workers_host: str = "127.0.0.1"
     workers_port: int = Field(default=8003, ge=0, le=65535)
 
+    command_db_pool_size: int = Field(default=20, ge=1, le=200)
+
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
+    jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set
+    jwt_audience: str | None = "ringiflow"
+    jwt_issuer: str | None = "ringiflow"
+    # Service credentials: JSON list of {"sha256", "tenant_id", "service", "roles"}.
+    api_keys: list[dict[str, object]] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
 

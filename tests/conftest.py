@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from infra import db, kafka
@@ -58,3 +63,52 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a `ringiflow run <component>` subprocess needs to join the stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
+    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
+        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
+    env["RINGIFLOW_DATA_DIR"] = str(settings.data_dir)
+    env["RINGIFLOW_JWT_SECRET"] = TEST_JWT_SECRET
+    env["RINGIFLOW_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+@contextmanager
+def component(name: str, settings: Settings, port_setting: str, **extra_env: str) -> Iterator[str]:
+    """Run one application process against the test stack; yield its base URL."""
+    port = free_port()
+    env = settings_env(settings) | {port_setting: str(port)} | extra_env
+    log_path = Path(settings.data_dir) / f"{name}-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "ringiflow", "run", name], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not healthy: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def command_api(settings: Settings) -> Iterator[str]:
+    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as base:
+        yield base

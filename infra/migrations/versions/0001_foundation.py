@@ -200,7 +200,7 @@ GRANT EXECUTE ON FUNCTION event_store.current_tenant() TO ringiflow_command, rin
 
 -- Events are append-only for everyone: no UPDATE or DELETE is granted anywhere.
 GRANT SELECT, INSERT ON event_store.events, event_store.outbox TO ringiflow_command;
-GRANT SELECT, INSERT, DELETE ON event_store.idempotency_keys TO ringiflow_command;
+GRANT SELECT, INSERT, UPDATE, DELETE ON event_store.idempotency_keys TO ringiflow_command;
 GRANT SELECT ON event_store.events TO ringiflow_relay, ringiflow_projector, ringiflow_query;
 GRANT SELECT, UPDATE, DELETE ON event_store.outbox TO ringiflow_relay;
 

@@ -1,0 +1,148 @@
+"""Executing one command: load, decide, append — all in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from commands import domain, store
+from contract import (
+    AggregateType,
+    ConsistencyToken,
+    EventEnvelope,
+    EventMetadata,
+    utcnow,
+)
+from infra.auth import Principal
+from infra.problems import Problem
+
+BuildCommand = Callable[[AsyncConnection], Awaitable[domain.Command]]
+
+DOMAIN_STATUS = {
+    domain.NotFound: 404,
+    domain.Forbidden: 403,
+    domain.AlreadyExists: 409,
+    domain.InvalidState: 409,
+    domain.InvalidCommand: 422,
+}
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    principal: Principal
+    command_id: UUID
+    correlation_id: UUID
+    trace_id: str
+    idempotency_key: str | None
+    expected_version: int | None
+    request_fingerprint: str  # method, path and canonical body
+
+    @property
+    def request_hash(self) -> str:
+        return hashlib.sha256(self.request_fingerprint.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def to_problem(error: domain.DomainError) -> Problem:
+    status = next(s for cls, s in DOMAIN_STATUS.items() if isinstance(error, cls))
+    title = {404: "Not found", 403: "Not allowed", 409: "Conflict",
+             422: "Command refused"}[status]
+    return Problem(status, error.code, title, str(error))
+
+
+def envelopes_for(
+    state: domain.AggregateState, events: list[domain.DomainEvent], ctx: CommandContext,
+) -> list[EventEnvelope]:
+    """Number the events after the current version and attach the state after each."""
+    now = utcnow()
+    out: list[EventEnvelope] = []
+    aggregate_type = type(state).__name__.removesuffix("State").lower()
+    for event in events:
+        state = domain.evolve(state, event)
+        out.append(EventEnvelope(
+            event_type=event.event_type, aggregate_type=AggregateType(aggregate_type),
+            aggregate_id=state.id, version=state.version, occurred_at=now,
+            payload=event.payload, aggregate=state.snapshot(),
+            metadata=EventMetadata(
+                tenant_id=ctx.principal.tenant_id, user_id=ctx.principal.user_id,
+                correlation_id=ctx.correlation_id, causation_id=ctx.command_id,
+                trace_id=ctx.trace_id,
+            ),
+        ))
+    return out
+
+
+async def execute(
+    pool: AsyncConnectionPool, ctx: CommandContext, aggregate_type: str, aggregate_id: UUID,
+    build: BuildCommand, created_status: int = 200,
+) -> Outcome:
+    principal = ctx.principal
+    actor = domain.Actor(principal.user_id, principal.name, principal.roles)
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            await store.set_tenant(conn, principal.tenant_id)
+            if ctx.idempotency_key:
+                stored = await store.claim_idempotency_key(
+                    conn, principal.tenant_id, ctx.idempotency_key, ctx.request_hash)
+                if stored is not None:
+                    return _replay(stored, ctx)
+            state = await store.load(conn, aggregate_type, aggregate_id)
+            if ctx.expected_version is not None and state.version != ctx.expected_version:
+                raise _conflict(aggregate_type, aggregate_id, state.version,
+                                f"expected version {ctx.expected_version}")
+            command = await build(conn)
+            events = domain.decide(command, state, actor, utcnow())
+            envelopes = envelopes_for(state, events, ctx)
+            position = await store.append(conn, envelopes)
+            last = envelopes[-1]
+            body = {
+                "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
+                "version": last.version, "event_ids": [str(e.event_id) for e in envelopes],
+                "consistency_token": ConsistencyToken(
+                    AggregateType(aggregate_type), aggregate_id, last.version, position
+                ).encode(),
+                "correlation_id": str(ctx.correlation_id), "command_id": str(ctx.command_id),
+            }
+            if ctx.idempotency_key:
+                await store.record_response(conn, principal.tenant_id, ctx.idempotency_key,
+                                            created_status, body)
+            return Outcome(created_status, body)
+    except domain.DomainError as exc:
+        raise to_problem(exc) from None
+    except store.VersionConflict:
+        async with pool.connection() as conn, conn.transaction():
+            await store.set_tenant(conn, principal.tenant_id)
+            current = await store.current_version(conn, aggregate_id)
+        raise _conflict(aggregate_type, aggregate_id, current,
+                        "another command changed it first") from None
+
+
+def _replay(stored: store.StoredResponse, ctx: CommandContext) -> Outcome:
+    if stored.request_hash != ctx.request_hash:
+        raise Problem(
+            422, "idempotency_key_reused", "Idempotency-Key reused",
+            f"Idempotency-Key {ctx.idempotency_key!r} was first used for a different request; "
+            "use a new key for a new request",
+        )
+    return Outcome(stored.status_code, stored.body, replayed=True)
+
+
+def _conflict(aggregate_type: str, aggregate_id: UUID, current: int, why: str) -> Problem:
+    return Problem(
+        409, "version_conflict", "Version conflict",
+        f"{aggregate_type} {aggregate_id} is at version {current} ({why}); reload it and "
+        "retry with expected_version set to the current version",
+        current_version=current,
+    )
