@@ -85,13 +85,9 @@ def respond(response: Response, outcome: Outcome) -> dict:
     return outcome.body
 
 
-async def user_names(conn: AsyncConnection, ids: set[UUID]) -> dict[UUID, str]:
-    names = {}
-    for user_id in ids:
-        snapshot = await store.latest_snapshot(conn, "user", user_id)
-        if snapshot is not None:
-            names[user_id] = snapshot["display_name"]
-    return names
+async def user_names(conn: AsyncConnection, tenant_id: UUID, ids: set[UUID]) -> dict[UUID, str]:
+    snapshots = await store.latest_snapshots(conn, tenant_id, "user", ids)
+    return {user_id: snapshot["display_name"] for user_id, snapshot in snapshots.items()}
 
 
 def require_directory_role(principal: Principal, action: str) -> None:
@@ -152,7 +148,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
 
         async def build(conn: AsyncConnection) -> domain.Command:
             assignees = {s.assignee_id for s in body.steps}
-            missing = assignees - set(await user_names(conn, assignees))
+            missing = assignees - set(await user_names(conn, principal.tenant_id, assignees))
             if missing:
                 raise unknown_users(missing, "steps[].assignee_id")
             return domain.CreateDefinition(
@@ -170,13 +166,16 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                               response: Response, principal: Auth,
                               key: IdemKey = None) -> dict:
         async def build(conn: AsyncConnection) -> domain.Command:
-            snapshot = await store.latest_snapshot(conn, "definition", body.definition_id)
+            snapshot = (await store.latest_snapshots(
+                conn, principal.tenant_id, "definition", {body.definition_id}
+            )).get(body.definition_id)
             if snapshot is None:
                 raise Problem(422, "unknown_reference", "Unknown definition",
                               f"definition_id {body.definition_id} does not exist in your "
                               "tenant; create it first (POST /api/v1/commands/definitions)")
             steps = snapshot["steps"]
-            names = await user_names(conn, {UUID(s["assignee_id"]) for s in steps})
+            names = await user_names(conn, principal.tenant_id,
+                                     {UUID(s["assignee_id"]) for s in steps})
             resolved = []
             for step in steps:
                 assignee = UUID(step["assignee_id"])
@@ -239,7 +238,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                             request: Request, response: Response, principal: Auth,
                             key: IdemKey = None) -> dict:
         async def build(conn: AsyncConnection) -> domain.Command:
-            names = await user_names(conn, {body.delegate_to})
+            names = await user_names(conn, principal.tenant_id, {body.delegate_to})
             if body.delegate_to not in names:
                 raise unknown_users({body.delegate_to}, "delegate_to")
             return domain.DelegateStep(step_id, body.delegate_to, names[body.delegate_to],
@@ -273,7 +272,7 @@ def create_app(settings: Settings) -> FastAPI:
         pool = AsyncConnectionPool(
             libpq_url(settings.role_database_url("command")), min_size=2,
             max_size=settings.command_db_pool_size, open=False, timeout=10,
-            kwargs={"prepare_threshold": 1},
+            kwargs={"autocommit": True, "prepare_threshold": 1},
         )
         await pool.open(wait=False)
         holder["pool"] = pool

@@ -88,45 +88,50 @@ async def execute(
     pool: AsyncConnectionPool, ctx: CommandContext, aggregate_type: str, aggregate_id: UUID,
     build: BuildCommand, created_status: int = 200,
 ) -> Outcome:
-    principal = ctx.principal
+    """Load, decide, append: two round trips on an autocommit connection."""
+    principal, tenant = ctx.principal, ctx.principal.tenant_id
     actor = domain.Actor(principal.user_id, principal.name, principal.roles)
-    try:
-        async with pool.connection() as conn, conn.transaction():
-            await store.set_tenant(conn, principal.tenant_id)
-            if ctx.idempotency_key:
-                stored = await store.claim_idempotency_key(
-                    conn, principal.tenant_id, ctx.idempotency_key, ctx.request_hash)
-                if stored is not None:
-                    return _replay(stored, ctx)
-            state = await store.load(conn, aggregate_type, aggregate_id)
+    async with pool.connection() as conn:
+        if ctx.idempotency_key:
+            stored = await store.stored_response(conn, tenant, ctx.idempotency_key)
+            if stored is not None:
+                return _replay(stored, ctx)
+        try:
+            state = await store.load(conn, tenant, aggregate_type, aggregate_id)
             if ctx.expected_version is not None and state.version != ctx.expected_version:
                 raise _conflict(aggregate_type, aggregate_id, state.version,
                                 f"expected version {ctx.expected_version}")
-            command = await build(conn)
-            events = domain.decide(command, state, actor, utcnow())
-            envelopes = envelopes_for(state, events, ctx)
-            position = await store.append(conn, envelopes)
-            last = envelopes[-1]
-            body = {
-                "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
-                "version": last.version, "event_ids": [str(e.event_id) for e in envelopes],
-                "consistency_token": ConsistencyToken(
-                    AggregateType(aggregate_type), aggregate_id, last.version, position
-                ).encode(),
-                "correlation_id": str(ctx.correlation_id), "command_id": str(ctx.command_id),
-            }
-            if ctx.idempotency_key:
-                await store.record_response(conn, principal.tenant_id, ctx.idempotency_key,
-                                            created_status, body)
-            return Outcome(created_status, body)
-    except domain.DomainError as exc:
-        raise to_problem(exc) from None
-    except store.VersionConflict:
-        async with pool.connection() as conn, conn.transaction():
-            await store.set_tenant(conn, principal.tenant_id)
-            current = await store.current_version(conn, aggregate_id)
-        raise _conflict(aggregate_type, aggregate_id, current,
-                        "another command changed it first") from None
+            events = domain.decide(await build(conn), state, actor, utcnow())
+        except domain.DomainError as exc:
+            raise to_problem(exc) from None
+        envelopes = envelopes_for(state, events, ctx)
+        result = {
+            "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
+            "version": envelopes[-1].version, "event_ids": [str(e.event_id) for e in envelopes],
+            "correlation_id": str(ctx.correlation_id), "command_id": str(ctx.command_id),
+        }
+        idempotency = None
+        if ctx.idempotency_key:
+            idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
+                           "status_code": created_status, "response": result}
+        try:
+            position = await store.append(conn, tenant, envelopes, idempotency)
+        except store.VersionConflict:
+            current = await store.current_version(conn, tenant, aggregate_id)
+            raise _conflict(aggregate_type, aggregate_id, current,
+                            "another command changed it first") from None
+        except store.IdempotencyKeyTaken:
+            stored = await store.stored_response(conn, tenant, ctx.idempotency_key or "")
+            assert stored is not None
+            return _replay(stored, ctx)
+        return Outcome(created_status, response_body(result, position))
+
+
+def response_body(result: dict[str, Any], position: int) -> dict[str, Any]:
+    token = ConsistencyToken(AggregateType(result["aggregate_type"]),
+                             UUID(result["aggregate_id"]), result["version"], position)
+    return {**{k: v for k, v in result.items() if k != "position"},
+            "consistency_token": token.encode()}
 
 
 def _replay(stored: store.StoredResponse, ctx: CommandContext) -> Outcome:
@@ -136,7 +141,8 @@ def _replay(stored: store.StoredResponse, ctx: CommandContext) -> Outcome:
             f"Idempotency-Key {ctx.idempotency_key!r} was first used for a different request; "
             "use a new key for a new request",
         )
-    return Outcome(stored.status_code, stored.body, replayed=True)
+    return Outcome(stored.status_code, response_body(stored.body, stored.body["position"]),
+                   replayed=True)
 
 
 def _conflict(aggregate_type: str, aggregate_id: UUID, current: int, why: str) -> Problem:

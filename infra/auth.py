@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from uuid import UUID, uuid5
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 ISSUER = "ringiflow"
 AUDIENCE = "ringiflow"
+TOKEN_CACHE_SIZE = 10_000
 SERVICE_NAMESPACE = UUID("7b0c3c1e-4b7e-4c3a-9a57-1f2f0a6d8e11")
 
 
@@ -66,6 +68,7 @@ class Authenticator:
     audience: str | None = AUDIENCE
     issuer: str | None = ISSUER
     api_keys: tuple[ApiKey, ...] = ()
+    _verified: dict[str, tuple[Principal, float]] = field(default_factory=dict, repr=False)
 
     @cached_property
     def _jwks(self) -> jwt.PyJWKClient | None:
@@ -83,6 +86,18 @@ class Authenticator:
         return self.verify_token(token.strip())
 
     def verify_token(self, token: str) -> Principal:
+        # Verifying a signature costs more than the rest of a request's auth; a
+        # verified token is remembered until it expires.
+        cached = self._verified.get(token)
+        if cached is not None and cached[1] > time.time():
+            return cached[0]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= TOKEN_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
@@ -107,7 +122,7 @@ class Authenticator:
                 tenant_id=UUID(str(claims["tenant_id"])), user_id=UUID(str(claims["sub"])),
                 name=str(claims.get("name") or claims["sub"])[:255],
                 roles=tuple(str(r) for r in roles),
-            )
+            ), float(claims["exp"])
         except (KeyError, ValueError, TypeError):
             raise AuthError("token claims must include 'sub' and 'tenant_id' as UUIDs") from None
 

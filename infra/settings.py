@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     workers_port: int = Field(default=8003, ge=0, le=65535)
 
     command_db_pool_size: int = Field(default=20, ge=1, le=200)
+    # Each API runs as this many processes on its one port (a Python process uses one core).
+    command_api_processes: int = Field(default=2, ge=1, le=64)
+    query_api_processes: int = Field(default=2, ge=1, le=64)
 
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set

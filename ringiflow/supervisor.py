@@ -70,6 +70,7 @@ class Supervisor:
     settings: Settings
     stack: EmbeddedStack = field(init=False)
     children: list[Child] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class Supervisor:
                                 r.partitions, r.wanted_partitions)
             self._start_children(urls)
             self._wait_children_healthy()
+            self.urls = urls
             self._write_runtime(urls)
             self._print_endpoints(urls, time.monotonic() - started)
             while not self.stopping.wait(0.5):
@@ -145,10 +147,12 @@ class Supervisor:
                "RINGIFLOW_DATA_DIR": str(self.settings.data_path),
                "RINGIFLOW_JWT_SECRET": self.settings.dev_jwt_secret}
         for component in COMPONENTS.values():
-            child = Child(component, env,
-                          self.settings.data_path / "logs" / f"{component.name}.log")
-            child.start()
-            self.children.append(child)
+            for instance in range(component.instances(self.settings)):
+                suffix = f"-{instance + 1}" if instance else ""
+                child = Child(component, env, self.settings.data_path / "logs"
+                              / f"{component.name}{suffix}.log")
+                child.start()
+                self.children.append(child)
 
     def _wait_children_healthy(self) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout_s
@@ -195,6 +199,7 @@ class Supervisor:
                 child.restarts += 1
                 child.start()
                 log.warning("%s restarted (restart #%d)", child.component.name, child.restarts)
+                self._write_runtime(self.urls)
 
     def _write_runtime(self, urls: dict[str, str]) -> None:
         runtime = {
@@ -202,7 +207,9 @@ class Supervisor:
             "urls": urls,
             "endpoints": {c.component.name: c.component.url(self.settings)
                           for c in self.children},
-            "pids": {c.component.name: c.process.pid for c in self.children if c.process},
+            "pids": {c.component.name: [p.process.pid for p in self.children
+                                        if p.component is c.component and p.process]
+                     for c in self.children},
         }
         tmp = self.runtime_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(runtime, indent=2))
@@ -212,10 +219,11 @@ class Supervisor:
         labels = {"database_url": "PostgreSQL", "redis_url": "Redis",
                   "kafka_bootstrap": "Kafka", "opensearch_url": "OpenSearch"}
         lines = [f"RingiFlow is up in {elapsed:.1f} s (Ctrl-C or SIGTERM stops everything)"]
-        for child in self.children:
-            base = child.component.url(self.settings)
-            lines.append(f"  {child.component.description:<34} {base}  "
-                         f"(/healthz /readyz /metrics)")
+        for component in COMPONENTS.values():
+            base = component.url(self.settings)
+            processes = component.instances(self.settings)
+            lines.append(f"  {component.description:<34} {base}  (/healthz /readyz /metrics"
+                         + (f"; {processes} processes)" if processes > 1 else ")"))
         for key, url in urls.items():
             origin = "embedded" if key in self.stack.servers else "external"
             lines.append(f"  {labels[key] + ' (' + origin + ')':<34} {url}")

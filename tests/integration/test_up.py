@@ -110,19 +110,18 @@ def test_up_serves_every_endpoint_restarts_crashes_and_leaves_nothing_behind(
             assert name in out
 
         # A crashed child is restarted.
-        command_api = psutil.Process(up.runtime()["pids"]["command-api"])
-        command_api.kill()
-        url = f"http://127.0.0.1:{cli_env['RINGIFLOW_COMMAND_API_PORT']}/healthz"
+        victim = up.runtime()["pids"]["command-api"][0]
+        psutil.Process(victim).kill()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                if get(url)[0] == 200:
-                    break
-            except OSError:
-                pass
+            pids = up.runtime()["pids"]["command-api"]
+            if victim not in pids and all(psutil.pid_exists(p) for p in pids):
+                break
             time.sleep(0.2)
         else:
-            raise AssertionError("command API was not restarted")
+            raise AssertionError("command API process was not restarted")
+        url = f"http://127.0.0.1:{cli_env['RINGIFLOW_COMMAND_API_PORT']}/healthz"
+        assert get(url)[0] == 200
         with psycopg.connect(libpq_url(up.runtime()["urls"]["database_url"])) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS public.up_marker (id uuid)")
             conn.execute("INSERT INTO public.up_marker VALUES (%s)", (marker,))

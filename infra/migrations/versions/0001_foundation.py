@@ -77,6 +77,94 @@ CREATE INDEX outbox_pending ON event_store.outbox (id) WHERE status = 'pending';
 CREATE INDEX outbox_published ON event_store.outbox (published_at) WHERE status = 'published';
 CREATE INDEX outbox_failed ON event_store.outbox (aggregate_id) WHERE status = 'failed';
 
+-- Appending is one statement (one round trip, its own transaction): the tenant
+-- setting, the idempotency record, the events and their outbox rows. Each item
+-- of p_events is {"envelope": <the event as published>, "topic", "headers"}.
+-- Optimistic concurrency is the unique (aggregate_id, version); the idempotency
+-- row goes first so a concurrent retry waits for this one and then conflicts.
+CREATE FUNCTION event_store.append_events(p_tenant uuid, p_events jsonb,
+                                          p_idempotency jsonb DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    last_position bigint;
+BEGIN
+    PERFORM set_config('ringiflow.tenant_id', p_tenant::text, true);
+    IF p_idempotency IS NOT NULL THEN
+        INSERT INTO event_store.idempotency_keys
+            (tenant_id, idempotency_key, request_hash, status_code, response)
+        VALUES (p_tenant, p_idempotency->>'key', p_idempotency->>'request_hash',
+                (p_idempotency->>'status_code')::int, p_idempotency->'response');
+    END IF;
+    WITH appended AS (
+        INSERT INTO event_store.events (event_id, tenant_id, aggregate_type, aggregate_id,
+            version, event_type, schema_version, occurred_at, payload, aggregate, metadata)
+        SELECT (e->>'event_id')::uuid, p_tenant, e->>'aggregate_type',
+               (e->>'aggregate_id')::uuid, (e->>'version')::int, e->>'event_type',
+               (e->>'schema_version')::int, (e->>'occurred_at')::timestamptz,
+               e->'payload', e->'aggregate', e->'metadata'
+        FROM jsonb_array_elements(p_events) AS item(value),
+             LATERAL (SELECT item.value->'envelope') AS env(e)
+        RETURNING position
+    )
+    SELECT max(position) INTO last_position FROM appended;
+    INSERT INTO event_store.outbox (event_id, tenant_id, aggregate_type, aggregate_id, version,
+        event_type, topic, payload, metadata)
+    SELECT (e->>'event_id')::uuid, p_tenant, e->>'aggregate_type', (e->>'aggregate_id')::uuid,
+           (e->>'version')::int, e->>'event_type', item.value->>'topic', e,
+           item.value->'headers'
+    FROM jsonb_array_elements(p_events) AS item(value),
+         LATERAL (SELECT item.value->'envelope') AS env(e);
+    IF p_idempotency IS NOT NULL THEN
+        UPDATE event_store.idempotency_keys
+        SET response = jsonb_set(response, '{position}', to_jsonb(last_position))
+        WHERE tenant_id = p_tenant AND idempotency_key = p_idempotency->>'key';
+    END IF;
+    RETURN last_position;
+END $$;
+
+-- Reads scoped to one tenant in one statement (and so one round trip).
+CREATE FUNCTION event_store.load_stream(p_tenant uuid, p_aggregate_type text,
+                                        p_aggregate_id uuid)
+RETURNS TABLE (event_type text, payload jsonb) LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM set_config('ringiflow.tenant_id', p_tenant::text, true);
+    RETURN QUERY SELECT e.event_type, e.payload FROM event_store.events e
+        WHERE e.aggregate_id = p_aggregate_id AND e.aggregate_type = p_aggregate_type
+        ORDER BY e.version;
+END $$;
+
+CREATE FUNCTION event_store.latest_snapshots(p_tenant uuid, p_aggregate_type text,
+                                             p_aggregate_ids uuid[])
+RETURNS TABLE (aggregate_id uuid, version integer, aggregate jsonb)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM set_config('ringiflow.tenant_id', p_tenant::text, true);
+    RETURN QUERY SELECT DISTINCT ON (e.aggregate_id) e.aggregate_id, e.version, e.aggregate
+        FROM event_store.events e
+        WHERE e.aggregate_id = ANY (p_aggregate_ids) AND e.aggregate_type = p_aggregate_type
+        ORDER BY e.aggregate_id, e.version DESC;
+END $$;
+
+CREATE FUNCTION event_store.idempotent_response(p_tenant uuid, p_key text)
+RETURNS TABLE (request_hash text, status_code integer, response jsonb)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM set_config('ringiflow.tenant_id', p_tenant::text, true);
+    RETURN QUERY SELECT k.request_hash, k.status_code, k.response
+        FROM event_store.idempotency_keys k
+        WHERE k.tenant_id = p_tenant AND k.idempotency_key = p_key;
+END $$;
+
+CREATE FUNCTION event_store.stream_version(p_tenant uuid, p_aggregate_id uuid)
+RETURNS integer LANGUAGE plpgsql STABLE AS $$
+DECLARE v integer;
+BEGIN
+    PERFORM set_config('ringiflow.tenant_id', p_tenant::text, true);
+    SELECT coalesce(max(e.version), 0) INTO v FROM event_store.events e
+        WHERE e.aggregate_id = p_aggregate_id;
+    RETURN v;
+END $$;
+
 CREATE TABLE event_store.idempotency_keys (
     tenant_id       uuid        NOT NULL,
     idempotency_key text        NOT NULL,
@@ -195,8 +283,13 @@ GRANTS = """
 GRANT USAGE ON SCHEMA event_store TO ringiflow_command, ringiflow_relay, ringiflow_projector,
     ringiflow_query;
 GRANT USAGE ON SCHEMA read_model TO ringiflow_projector, ringiflow_query;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA event_store FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION event_store.current_tenant() TO ringiflow_command, ringiflow_relay,
     ringiflow_projector, ringiflow_query;
+GRANT EXECUTE ON FUNCTION event_store.append_events(uuid, jsonb, jsonb),
+    event_store.load_stream(uuid, text, uuid), event_store.latest_snapshots(uuid, text, uuid[]),
+    event_store.idempotent_response(uuid, text), event_store.stream_version(uuid, uuid)
+    TO ringiflow_command;
 
 -- Events are append-only for everyone: no UPDATE or DELETE is granted anywhere.
 GRANT SELECT, INSERT ON event_store.events, event_store.outbox TO ringiflow_command;

@@ -1,0 +1,248 @@
+"""Command API throughput and latency (issue 3).
+
+    python -m benchmarks.commands [--seconds 8] [--rounds 3]
+
+Prints, from one run on one embedded stack:
+  * the FastAPI no-op endpoint (GET /healthz of the same process) at concurrency 32;
+  * commands/s and p50/p99 over HTTP at concurrency 1 and 32 (a realistic mix:
+    CreateWorkflow, SubmitWorkflow, AddComment, ApproveStep x2 per workflow);
+  * sequential appends/s in-process (no HTTP) next to the `eventsourcing`
+    library appending to the same PostgreSQL (pip install eventsourcing[postgres]).
+Each figure is the median of --rounds rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from uuid import UUID, uuid4
+
+import aiohttp
+
+from benchmarks.common import (
+    BENCH_SECRET,
+    app_process,
+    embedded_stack,
+    median,
+    summary,
+)
+from infra.auth import mint_token
+from infra.settings import Settings
+
+C = "/api/v1/commands"
+
+
+class Actors:
+    def __init__(self) -> None:
+        self.tenant = uuid4()
+        self.admin, self.initiator, self.a1, self.a2 = uuid4(), uuid4(), uuid4(), uuid4()
+
+    def headers(self, user: UUID, roles: list[str] | None = None) -> dict[str, str]:
+        token = mint_token(BENCH_SECRET, tenant_id=self.tenant, user_id=user, name="bench",
+                           roles=roles or ["user"])
+        return {"Authorization": f"Bearer {token}"}
+
+
+async def setup(session: aiohttp.ClientSession, base: str, who: Actors) -> UUID:
+    admin = who.headers(who.admin, ["admin"])
+    for user in (who.initiator, who.a1, who.a2):
+        async with session.post(base + C + "/users", headers=admin, json={
+                "user_id": str(user), "display_name": "ベンチ", "email": "b@example.jp"}) as r:
+            assert r.status == 201, await r.text()
+    async with session.post(base + C + "/definitions", headers=admin, json={
+            "name": "bench", "steps": [{"name": "s1", "assignee_id": str(who.a1)},
+                                       {"name": "s2", "assignee_id": str(who.a2)}]}) as r:
+        return UUID((await r.json())["aggregate_id"])
+
+
+async def workflow_cycle(session: aiohttp.ClientSession, base: str, who: Actors,
+                         definition: UUID, latencies: list[float]) -> None:
+    """Five commands on one new workflow, each latency recorded."""
+    hi, h1, h2 = who.headers(who.initiator), who.headers(who.a1), who.headers(who.a2)
+
+    async def post(path: str, headers: dict, body: dict) -> dict:
+        started = time.perf_counter()
+        async with session.post(base + C + path, headers=headers, json=body) as r:
+            data = await r.json()
+            assert r.status in (200, 201), data
+        latencies.append(time.perf_counter() - started)
+        return data
+
+    created = await post("/workflows", hi, {"definition_id": str(definition), "title": "bench"})
+    wf = created["aggregate_id"]
+    await post(f"/workflows/{wf}/submit", hi, {})
+    await post(f"/workflows/{wf}/comments", hi, {"body": "コメント"})
+    step1, step2 = (str(s) for s in step_ids(UUID(wf)))
+    await post(f"/workflows/{wf}/steps/{step1}/approve", h1, {})
+    await post(f"/workflows/{wf}/steps/{step2}/approve", h2, {})
+
+
+def step_ids(workflow_id: UUID) -> tuple[UUID, UUID]:
+    from commands.domain import _step_id
+
+    return _step_id(workflow_id, 1), _step_id(workflow_id, 2)
+
+
+async def http_commands(base: str, concurrency: int, seconds: float) -> tuple[float, list[float]]:
+    who = Actors()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        definition = await setup(session, base, who)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                await workflow_cycle(session, base, who, definition, latencies)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(latencies) / (time.perf_counter() - started), latencies
+
+
+async def http_noop(base: str, concurrency: int, seconds: float) -> tuple[float, list[float]]:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                async with session.get(base + "/healthz") as r:
+                    await r.read()
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(latencies) / (time.perf_counter() - started), latencies
+
+
+async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, list[float]]:
+    """Sequential AddComment commands through the service layer, no HTTP."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from commands import domain
+    from commands.service import CommandContext, execute
+    from contract import new_trace_id
+    from infra.auth import Principal
+    from infra.settings import libpq_url
+
+    who = Actors()
+    principal = Principal(who.tenant, who.initiator, "bench", ("user",))
+    workflow = uuid4()
+    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
+                                   min_size=1, max_size=2,
+                                   kwargs={"autocommit": True, "prepare_threshold": 1}) as pool:
+        def ctx() -> CommandContext:
+            return CommandContext(principal, uuid4(), uuid4(), new_trace_id(), None, None, "")
+
+        first = domain.CreateWorkflow(uuid4(), "d", (domain.ResolvedStep("s", who.a1, "a"),), "b")
+
+        async def create(_conn: object) -> domain.Command:
+            return first
+
+        await execute(pool, ctx(), "workflow", workflow, create)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
+        # A fresh aggregate every 10 events keeps the stream short, as real workflows are.
+        while time.perf_counter() < deadline:
+            if len(latencies) % 10 == 9:
+                workflow = uuid4()
+                command = domain.CreateWorkflow(uuid4(), "d",
+                                                (domain.ResolvedStep("s", who.a1, "a"),), "b")
+            else:
+                command = domain.AddComment("comment")
+
+            async def build(_conn: object, c: domain.Command = command) -> domain.Command:
+                return c
+
+            t0 = time.perf_counter()
+            await execute(pool, ctx(), "workflow", workflow, build)
+            latencies.append(time.perf_counter() - t0)
+        return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def eventsourcing_appends(settings: Settings, seconds: float) -> tuple[float, list[float]]:
+    """The `eventsourcing` library saving one event per transaction, sequentially."""
+    from urllib.parse import urlsplit
+
+    from eventsourcing.application import Application
+    from eventsourcing.domain import Aggregate, event
+
+    class Ringi(Aggregate):
+        @event("Created")
+        def __init__(self) -> None:
+            self.comments: list[str] = []
+
+        @event("CommentAdded")
+        def add_comment(self, body: str) -> None:
+            self.comments.append(body)
+
+    url = urlsplit(settings.database_url or "")
+    env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.path[1:],
+           "POSTGRES_HOST": url.hostname or "", "POSTGRES_PORT": str(url.port),
+           "POSTGRES_USER": url.username or "", "POSTGRES_PASSWORD": "unused-trust-auth",
+           "POSTGRES_SCHEMA": "eventsourcing_bench", "CREATE_TABLE": "y"}
+    import psycopg
+
+    with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS eventsourcing_bench")
+    app = Application(env=env)
+    latencies: list[float] = []
+    aggregate = Ringi()
+    app.save(aggregate)
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < deadline:
+        if len(latencies) % 10 == 9:
+            aggregate = Ringi()
+        else:
+            aggregate.add_comment("comment")
+        t0 = time.perf_counter()
+        app.save(aggregate)
+        latencies.append(time.perf_counter() - t0)
+    app.close()
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2,
+                        help="command API processes on the port (as `ringiflow up` runs)")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="embedded PostgreSQL without fsync (the tests' setting)")
+    args = parser.parse_args()
+
+    def best_of(fn, *a) -> tuple[float, list[float]]:
+        runs = [fn(*a) for _ in range(args.rounds)]
+        rate = median([r[0] for r in runs])
+        return rate, [lat for r in runs for lat in r[1]]
+
+    print(f"cores: {os.cpu_count()}, fsync: {not args.no_fsync}, command API processes: "
+          f"{args.processes}, {args.seconds:.0f} s x {args.rounds} rounds, medians")
+    with embedded_stack(fsync=not args.no_fsync) as settings:
+        with app_process("command-api", settings, "RINGIFLOW_COMMAND_API_PORT",
+                         args.processes) as base:
+            asyncio.run(http_noop(base, 8, 1))  # warm-up
+            noop, noop_lat = best_of(lambda: asyncio.run(http_noop(base, 32, args.seconds)))
+            print(summary("FastAPI no-op GET /healthz, concurrency 32", noop, noop_lat))
+            for concurrency in (1, 32):
+                rate, lat = best_of(lambda c=concurrency: asyncio.run(
+                    http_commands(base, c, args.seconds)))
+                print(summary(f"commands over HTTP, concurrency {concurrency}", rate, lat, noop,
+                              "no-op"))
+        es_rate, es_lat = best_of(eventsourcing_appends, settings, args.seconds)
+        print(summary("eventsourcing library, sequential saves", es_rate, es_lat))
+        ours, ours_lat = best_of(lambda: asyncio.run(inprocess_appends(settings, args.seconds)))
+        print(summary("RingiFlow, sequential commands in-process", ours, ours_lat, es_rate,
+                      "eventsourcing"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: an embedded stack, application processes, and
+latency statistics. Figures are printed next to a baseline from the same run,
+because these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from infra import db, kafka
+from infra.embedded import EmbeddedStack, free_port
+from infra.settings import Settings
+
+BENCH_SECRET = "benchmark-secret-0123456789abcdef0123456789"
+
+
+@contextmanager
+def embedded_stack(fsync: bool = True) -> Iterator[Settings]:
+    with tempfile.TemporaryDirectory(prefix="ringiflow-bench-") as tmp:
+        base = Settings(data_dir=Path(tmp), postgres_fsync=fsync,
+                        jwt_secret=BENCH_SECRET)  # type: ignore[arg-type]
+        stack = EmbeddedStack(Path(tmp))
+        try:
+            urls = stack.start(base)
+            db.migrate(urls["database_url"])
+            kafka.ensure_topics(urls["kafka_bootstrap"])
+            yield base.model_copy(update=urls)
+        finally:
+            stack.stop()
+
+
+@contextmanager
+def app_process(name: str, settings: Settings, port_setting: str,
+                processes: int = 1) -> Iterator[str]:
+    """Run `processes` copies of one API on one port (as `ringiflow up` does)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
+    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
+        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
+    env |= {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_JWT_SECRET": BENCH_SECRET,
+            "RINGIFLOW_LOG_LEVEL": "WARNING", port_setting: str(port)}
+    running = [subprocess.Popen([sys.executable, "-m", "ringiflow", "run", name], env=env)
+               for _ in range(processes)]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(label: str, rate: float, latencies_s: list[float], baseline: float | None = None,
+            baseline_label: str = "") -> str:
+    line = (f"{label:<44} {rate:>9,.0f}/s  p50 {percentile(latencies_s, .5) * 1000:6.1f} ms  "
+            f"p99 {percentile(latencies_s, .99) * 1000:6.1f} ms")
+    if baseline:
+        line += f"  = {rate / baseline:.2f} x {baseline_label}"
+    return line
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
