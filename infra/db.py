@@ -37,6 +37,14 @@ def migrate(database_url: str, role_password: str | None = None, revision: str =
                     sql.Identifier(f"ringiflow_{role}"), sql.Literal(role_password)))
 
 
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
+    assert head is not None
+    return head
+
+
 def current_revision(database_url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine, pool

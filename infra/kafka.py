@@ -98,3 +98,17 @@ def record_consumer(bootstrap: str, *topics: str, group_id: str | None = None,
         *topics, bootstrap_servers=bootstrap, group_id=group_id,
         enable_auto_commit=False, auto_offset_reset="earliest", **kwargs,  # type: ignore[arg-type]
     )
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop an aiokafka consumer. A consumer without a group stopped right after
+    an assignment can raise CancelledError from its own internal task (aiokafka
+    cancels a task that never ran); that one is not ours to propagate."""
+    import asyncio
+
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     command_api_processes: int = Field(default=2, ge=1, le=64)
     query_api_processes: int = Field(default=2, ge=1, le=64)
 
+    relay_batch_size: int = Field(default=2000, ge=1, le=100_000)
+    relay_poll_interval_s: float = Field(default=1.0, gt=0)  # fallback when NOTIFY is missed
+    relay_rebalance_interval_s: float = Field(default=1.0, gt=0)
+    relay_message_timeout_ms: int = Field(default=10_000, ge=1000)
+    relay_max_attempts: int = Field(default=5, ge=1)  # permanent errors before "failed"
+    relay_backoff_s: float = Field(default=0.5, gt=0)
+    relay_max_backoff_s: float = Field(default=30.0, gt=0)
+    relay_stats_interval_s: float = Field(default=5.0, gt=0)
+    outbox_retention_days: float = Field(default=7.0, gt=0)
+
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set
     jwt_audience: str | None = "ringiflow"

@@ -112,3 +112,22 @@ def component(name: str, settings: Settings, port_setting: str, **extra_env: str
 def command_api(settings: Settings) -> Iterator[str]:
     with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as base:
         yield base
+
+
+@pytest.fixture
+def fresh_db(settings: Settings) -> Iterator[Settings]:
+    """A database of its own on the session's PostgreSQL, migrated: for tests whose
+    background processes (relays, workers) must not see other tests' rows."""
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    name = f"t_{os.urandom(6).hex()}"
+    admin_url = libpq_url(settings.database_url or "")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}"
+    db.migrate(url)
+    yield settings.model_copy(update={"database_url": url})
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

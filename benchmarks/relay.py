@@ -1,0 +1,158 @@
+"""Outbox relay latency and throughput (issue 4).
+
+    python -m benchmarks.relay [--events 100000] [--rate 1000] [--seconds 10]
+
+Prints, from one run on one embedded stack:
+  * commit -> broker-ack latency (p50/p99) with events appended at --rate/s
+    (outbox created_at, stamped in the appending statement, to the ack time
+    recorded as published_at);
+  * sustained throughput draining a backlog of --events rows, as a ratio to a
+    raw confluent-kafka producer (same settings: idempotent, acks=all, murmur2)
+    sending the same records to the same broker in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from uuid import uuid4
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+import contract
+from benchmarks.common import embedded_stack, percentile
+from infra import kafka
+from infra.embedded import free_port
+from infra.settings import Settings, libpq_url
+from tests.events import comment_envelope
+
+
+def relay_process(settings: Settings) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
+    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
+        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
+    env |= {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_LOG_LEVEL": "WARNING",
+            "RINGIFLOW_RELAY_PORT": str(free_port())}
+    return subprocess.Popen([sys.executable, "-m", "ringiflow", "run", "relay"], env=env)
+
+
+def pending(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM event_store.outbox WHERE status = 'pending'"
+                       ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_drained(conn: psycopg.Connection, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pending(conn) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def append_on(conn: psycopg.Connection, envelopes: list) -> None:  # type: ignore[type-arg]
+    """One appending statement, as a command commits it, on a kept connection."""
+    items = [{"envelope": e.model_dump(mode="json"), "topic": contract.to_record(e).topic,
+              "headers": {k: v.decode() for k, v in contract.record_headers(e)}}
+             for e in envelopes]
+    conn.execute("SELECT event_store.append_events(%s, %s)", (envelopes[0].tenant_id,
+                                                               Jsonb(items)))
+
+
+def latency(settings: Settings, conn: psycopg.Connection, rate: int, seconds: float) -> None:
+    tenant = uuid4()
+    aggregates = [uuid4() for _ in range(200)]
+    versions = dict.fromkeys(aggregates, 0)
+    per_tick, tick = 10, 10 / rate  # ten events every 10 ms at 1,000/s
+    started = time.perf_counter()
+    sent = 0
+    while time.perf_counter() - started < seconds:
+        for i in range(per_tick):
+            aggregate = aggregates[(sent + i) % len(aggregates)]
+            versions[aggregate] += 1
+            append_on(conn, [comment_envelope(tenant, aggregate, versions[aggregate])])
+        sent += per_tick
+        delay = started + (sent // per_tick) * tick - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    wait_drained(conn)
+    rows = conn.execute("SELECT extract(epoch FROM published_at - created_at) "
+                        "FROM event_store.outbox_published WHERE tenant_id = %s",
+                        (tenant,)).fetchall()
+    lat = [float(r[0]) for r in rows]
+    achieved = sent / (time.perf_counter() - started)
+    print(f"commit -> ack at {achieved:,.0f} events/s offered ({len(lat):,} events): "
+          f"p50 {percentile(lat, .5) * 1000:.1f} ms  p99 {percentile(lat, .99) * 1000:.1f} ms"
+          f"  (targets: p50 <= 5 ms, p99 <= 50 ms)")
+
+
+def backlog(settings: Settings, conn: psycopg.Connection, events: int) -> None:
+    tenant = uuid4()
+    ids = [uuid4() for _ in range(1000)]
+    for version in range(1, events // len(ids) + 1):
+        append_on(conn, [comment_envelope(tenant, a, version) for a in ids])
+    total = pending(conn)
+    relay = relay_process(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while pending(conn) == total and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started, start_pending = time.perf_counter(), pending(conn)
+        wait_drained(conn)
+        relay_rate = start_pending / (time.perf_counter() - started)
+    finally:
+        relay.terminate()
+        relay.wait(30)
+
+    records = conn.execute(
+        "SELECT e.aggregate_type, e.aggregate_id, o.payload::text, o.metadata FROM "
+        "event_store.events e JOIN LATERAL (SELECT jsonb_build_object('event_id', e.event_id, "
+        "'event_type', e.event_type, 'schema_version', e.schema_version, 'aggregate_type', "
+        "e.aggregate_type, 'aggregate_id', e.aggregate_id, 'version', e.version, 'occurred_at', "
+        "e.occurred_at, 'payload', e.payload, 'aggregate', e.aggregate, 'metadata', e.metadata) "
+        "AS payload, jsonb_build_object('event_id', e.event_id::text, 'version', "
+        "e.version::text) AS metadata) o ON true WHERE e.tenant_id = %s ORDER BY e.position",
+        (tenant,)).fetchall()
+    producer = kafka.producer(settings.kafka_bootstrap or "", **{"linger.ms": 2,
+                              "batch.num.messages": 10_000,
+                              "queue.buffering.max.messages": 200_000})
+    started = time.perf_counter()
+    for aggregate_type, aggregate_id, payload, headers in records:
+        topic = contract.events_topic_name(aggregate_type)
+        while True:
+            try:
+                producer.produce(topic, payload.encode(), str(aggregate_id).encode(),
+                                 headers=[(k, str(v).encode()) for k, v in headers.items()])
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(60)
+    raw_rate = len(records) / (time.perf_counter() - started)
+    print(f"relay drained {start_pending:,} events at {relay_rate:,.0f} events/s; raw producer "
+          f"{raw_rate:,.0f} events/s; ratio {relay_rate / raw_rate:.2f} (goal >= 0.6, "
+          f"target >= 20,000/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    print(f"cores: {os.cpu_count()}, embedded stack (fsync on)")
+    with embedded_stack() as settings, psycopg.connect(libpq_url(settings.database_url or ""),
+                                                       autocommit=True) as conn:
+        relay = relay_process(settings)
+        try:
+            time.sleep(2)
+            latency(settings, conn, args.rate, args.seconds)
+        finally:
+            relay.terminate()
+            relay.wait(30)
+        backlog(settings, conn, args.events)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The outbox table as the relay and operators see it (relay role, all tenants)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import orjson
+from psycopg import AsyncConnection
+
+from relay.publisher import Outcome, Row
+
+MIN_PER_LANE = 200  # keeps batches large when the backlog sits in a few lanes
+
+# One ordered index walk per lane (on (lane, id) of pending rows), each stopping
+# at its limit: the cost follows the batch, not the backlog, whatever the
+# planner's statistics say after a long broker outage.
+FETCH = """
+SELECT o.id, o.aggregate_id, o.version, o.topic, o.payload::text, o.metadata::text,
+       extract(epoch FROM o.created_at), o.next_attempt_at
+FROM unnest(%(lanes)s::smallint[]) AS l(lane)
+CROSS JOIN LATERAL (
+    SELECT * FROM event_store.outbox p
+    WHERE p.status = 'pending' AND p.lane = l.lane
+      AND NOT EXISTS (SELECT 1 FROM event_store.outbox f
+                      WHERE f.aggregate_id = p.aggregate_id AND f.status = 'failed')
+    ORDER BY p.id
+    LIMIT %(per_lane)s
+) AS o
+"""
+
+
+async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int) -> list[Row]:
+    """Pending rows of the given lanes, each lane in id order, which per aggregate
+    is version order (an aggregate lives in one lane). A row waiting out its
+    backoff holds back the rest of its aggregate.
+
+    Per-row status (not a high-water mark) means a row committed after a higher
+    id was read is simply picked up by the next batch: nothing is skipped."""
+    if not lanes:
+        return []
+    per_lane = max(math.ceil(limit / len(lanes)), MIN_PER_LANE)
+    cur = await conn.execute(FETCH, {"lanes": sorted(lanes), "per_lane": per_lane})
+    now = datetime.now(UTC)
+    rows: list[Row] = []
+    waiting: set[UUID] = set()
+    for row_id, aggregate_id, version, topic, payload, headers, created, next_at in \
+            await cur.fetchall():
+        if aggregate_id in waiting:
+            continue
+        if next_at is not None and next_at > now:
+            waiting.add(aggregate_id)
+            continue
+        rows.append(Row(row_id, aggregate_id, version, topic, payload.encode(),
+                        [(k, str(v).encode()) for k, v in orjson.loads(headers).items()],
+                        float(created)))
+    return rows
+
+
+MARK_PUBLISHED = """
+WITH moved AS (
+    DELETE FROM event_store.outbox o USING unnest(%s::bigint[], %s::timestamptz[]) AS a(id, at)
+    WHERE o.id = a.id
+    RETURNING o.id, o.event_id, o.tenant_id, o.aggregate_type, o.aggregate_id, o.version,
+              o.event_type, o.topic, o.retry_count, o.created_at, a.at
+)
+INSERT INTO event_store.outbox_published SELECT * FROM moved
+"""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    published: int
+    retried: int
+    failed: int
+    latencies_s: list[float]
+
+
+async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_attempts: int,
+                 backoff_s: float, max_backoff_s: float) -> Recorded:
+    """Mark, per aggregate, the acknowledged prefix published. The first row that
+    was not acknowledged gets an attempt recorded (failed after max_attempts
+    permanent errors); rows after it stay pending and go out again after it."""
+    published_ids: list[int] = []
+    acked_at: list[datetime] = []
+    latencies: list[float] = []
+    broken: set[UUID] = set()
+    attempts: list[tuple[int, str, bool]] = []
+    for row in rows:
+        if row.aggregate_id in broken:
+            continue
+        if row.id in outcome.acked_at:
+            published_ids.append(row.id)
+            acked = outcome.acked_at[row.id]
+            acked_at.append(datetime.fromtimestamp(acked, UTC))
+            latencies.append(max(0.0, acked - row.created_at))
+            continue
+        broken.add(row.aggregate_id)
+        why, permanent = outcome.errors.get(row.id, ("not acknowledged", False))
+        attempts.append((row.id, why, permanent))
+    if published_ids:
+        await conn.execute(MARK_PUBLISHED, (published_ids, acked_at))
+    failed = 0
+    for row_id, why, permanent in attempts:
+        cur = await conn.execute(
+            "UPDATE event_store.outbox SET retry_count = retry_count + 1, last_error = %(why)s, "
+            "next_attempt_at = clock_timestamp() + least(%(max)s, %(base)s * "
+            "  power(2, least(retry_count, 16))) * interval '1 second', "
+            "status = CASE WHEN %(permanent)s AND retry_count + 1 >= %(attempts)s "
+            "  THEN 'failed' ELSE status END "
+            "WHERE id = %(id)s RETURNING status",
+            {"why": why[:2000], "max": max_backoff_s, "base": backoff_s, "permanent": permanent,
+             "attempts": max_attempts, "id": row_id})
+        status = await cur.fetchone()
+        failed += bool(status and status[0] == "failed")
+    return Recorded(len(published_ids), len(attempts) - failed, failed, latencies)
+
+
+@dataclass(frozen=True)
+class Status:
+    pending: int
+    published: int
+    failed: int
+    oldest_pending_age_s: float | None
+    blocked_aggregates: int
+    failed_rows: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__
+
+
+async def status(conn: AsyncConnection, failed_limit: int = 50,
+                 count_published: bool = True) -> Status:
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), "
+        "count(*) FILTER (WHERE status = 'failed'), "
+        "extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE status = 'pending')),"
+        "count(DISTINCT aggregate_id) FILTER (WHERE status = 'failed') "
+        "FROM event_store.outbox")
+    pending, failed, age, blocked = await cur.fetchone()  # type: ignore[misc]
+    published = -1
+    if count_published:
+        cur = await conn.execute("SELECT count(*) FROM event_store.outbox_published")
+        published = (await cur.fetchone() or (0,))[0]
+    cur = await conn.execute(
+        "SELECT id, event_id, aggregate_type, aggregate_id, version, event_type, retry_count, "
+        "last_error, created_at FROM event_store.outbox WHERE status = 'failed' "
+        "ORDER BY id LIMIT %s", (failed_limit,))
+    columns = [c.name for c in cur.description or []]
+    rows = [dict(zip(columns, r, strict=True)) for r in await cur.fetchall()]
+    return Status(pending, published, failed, float(age) if age is not None else None, blocked,
+                  orjson.loads(orjson.dumps(rows, default=str)))
+
+
+async def cleanup(conn: AsyncConnection, retention: timedelta, batch_size: int = 1000) -> int:
+    """Delete published rows older than the retention, in small batches so no
+    long lock or transaction holds up appends."""
+    deleted = 0
+    while True:
+        cur = await conn.execute(
+            "DELETE FROM event_store.outbox_published WHERE id IN (SELECT id FROM "
+            "event_store.outbox_published WHERE published_at < clock_timestamp() - %s "
+            "ORDER BY published_at LIMIT %s)", (retention, batch_size))
+        deleted += cur.rowcount
+        if cur.rowcount < batch_size:
+            return deleted
+
+
+async def retry_failed(conn: AsyncConnection, aggregate_id: UUID | None = None) -> int:
+    """Give failed rows (of one aggregate, or all) a new start."""
+    cur = await conn.execute(
+        "UPDATE event_store.outbox SET status = 'pending', retry_count = 0, "
+        "next_attempt_at = NULL WHERE status = 'failed' "
+        "AND (%(aggregate)s::uuid IS NULL OR aggregate_id = %(aggregate)s)",
+        {"aggregate": aggregate_id})
+    return cur.rowcount

@@ -1,0 +1,104 @@
+"""Producing a batch of outbox rows to Kafka and learning, row by row, what the
+broker acknowledged. Runs in a worker thread: confluent-kafka blocks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from infra.kafka import producer_config
+
+# Errors that retrying the same bytes cannot fix; after max attempts the row is
+# marked failed. Everything else (timeouts, broker down, leader moves) is
+# transient: the row waits and is retried for as long as it takes.
+PERMANENT = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
+    KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError._INVALID_ARG,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+})
+MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    aggregate_id: UUID
+    version: int
+    topic: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    created_at: float  # epoch seconds
+
+
+@dataclass
+class Outcome:
+    acked_at: dict[int, float] = field(default_factory=dict)  # row id -> ack time
+    errors: dict[int, tuple[str, bool]] = field(default_factory=dict)  # row id -> (why, permanent)
+    missing_topic: bool = False
+    fatal: str | None = None  # the producer is unusable and must be replaced
+
+
+class Publisher:
+    def __init__(self, bootstrap: str, message_timeout_ms: int) -> None:
+        self.producer = Producer(producer_config(
+            bootstrap,
+            **{"message.timeout.ms": message_timeout_ms, "linger.ms": 2,
+               "batch.num.messages": 10_000, "queue.buffering.max.messages": 200_000,
+               "max.in.flight.requests.per.connection": 5},
+        ))
+        self.flush_timeout_s = message_timeout_ms / 1000 + 5
+
+    def publish(self, rows: list[Row]) -> Outcome:
+        """Produce rows in order; per aggregate, stop at the first row that cannot
+        even be queued, so no later version overtakes it."""
+        outcome = Outcome()
+        stopped: set[UUID] = set()
+
+        def delivered(row_id: int, err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                outcome.acked_at[row_id] = time.time()
+                return
+            outcome.errors[row_id] = (f"{err.name()}: {err.str()}", err.code() in PERMANENT)
+            if err.code() in MISSING_TOPIC:
+                outcome.missing_topic = True
+            if err.fatal():
+                outcome.fatal = err.str()
+
+        for row in rows:
+            if row.aggregate_id in stopped:
+                continue
+            while True:
+                try:
+                    self.producer.produce(
+                        row.topic, value=row.value, key=str(row.aggregate_id).encode(),
+                        headers=row.headers,
+                        on_delivery=lambda err, msg, rid=row.id: delivered(rid, err, msg))
+                    break
+                except BufferError:  # local queue full: let deliveries drain it
+                    self.producer.poll(0.05)
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    outcome.errors[row.id] = (f"{error.name()}: {error.str()}",
+                                              error.code() in PERMANENT)
+                    stopped.add(row.aggregate_id)
+                    if error.fatal():
+                        outcome.fatal = error.str()
+                        return outcome
+                    break
+        # Every queued message ends in a delivery report within message.timeout.ms.
+        try:
+            self.producer.flush(self.flush_timeout_s)
+        except KafkaException as exc:
+            # e.g. the broker lost the idempotent producer's state (it restarted
+            # empty): librdkafka refuses to go on rather than risk reordering.
+            outcome.fatal = exc.args[0].str()
+        return outcome
+
+    def discard_queued(self) -> None:
+        """After losing the database session (and so the lanes), nothing queued
+        may still go out: another relay may own those aggregates now."""
+        self.producer.purge(in_queue=True, in_flight=False)
+        self.producer.poll(0)

@@ -1,0 +1,136 @@
+"""`ringiflow outbox reconcile`: re-publish from the events table every event the
+Kafka topics lack (e.g. the embedded broker restarted empty).
+
+Per aggregate, everything from the first missing version on is queued again,
+in version order, so the relay re-sends a complete ordered tail: duplicates are
+possible, gaps are not."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+from aiokafka import TopicPartition
+from psycopg.types.json import Jsonb
+
+from contract import AggregateType, EventEnvelope, events_topic_name, record_headers
+from infra.kafka import record_consumer, stop_consumer
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class TopicReport:
+    topic: str
+    events: int = 0  # in the events table, inside the window
+    in_kafka: int = 0
+    missing: int = 0
+    requeued: int = 0
+    aggregates: set[UUID] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"topic": self.topic, "events": self.events, "in_kafka": self.in_kafka,
+                "missing": self.missing, "requeued": self.requeued,
+                "aggregates": len(self.aggregates)}
+
+
+async def event_ids_in_topic(bootstrap: str, topic: str) -> set[UUID]:
+    """Every event id the topic holds now (read from the record headers)."""
+    consumer = record_consumer(bootstrap, group_id=None, fetch_max_bytes=50 * 1024 * 1024)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        if not assigned:
+            return set()
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        ends = await consumer.end_offsets(assigned)
+        remaining = {tp for tp in assigned if ends[tp] > 0}
+        seen: set[UUID] = set()
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, messages in batch.items():
+                for message in messages:
+                    event_id = dict(message.headers).get("event_id")
+                    if event_id:
+                        seen.add(UUID(event_id.decode()))
+                    if message.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return seen
+    finally:
+        await stop_consumer(consumer)
+
+
+async def reconcile(database_url: str, bootstrap: str, since: datetime, dry_run: bool,
+                    progress: Progress = lambda _m: None) -> list[TopicReport]:
+    reports = []
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for aggregate_type in AggregateType:
+            topic = events_topic_name(aggregate_type)
+            report = TopicReport(topic)
+            progress(f"reading {topic} from Kafka")
+            present = await event_ids_in_topic(bootstrap, topic)
+            progress(f"{topic}: {len(present)} events in Kafka; comparing with the events table")
+            cur = await conn.execute(
+                "SELECT event_id, aggregate_id, version FROM event_store.events "
+                "WHERE aggregate_type = %s AND recorded_at >= %s ORDER BY aggregate_id, version",
+                (aggregate_type.value, since))
+            first_missing: dict[UUID, int] = {}
+            async for event_id, aggregate_id, version in cur:
+                report.events += 1
+                if event_id in present:
+                    report.in_kafka += 1
+                else:
+                    report.missing += 1
+                    first_missing.setdefault(aggregate_id, version)
+            report.aggregates = set(first_missing)
+            if first_missing and not dry_run:
+                report.requeued = await _requeue(conn, first_missing, since)
+                progress(f"{topic}: queued {report.requeued} events of "
+                         f"{len(first_missing)} aggregates for the relay")
+            reports.append(report)
+    return reports
+
+
+async def _requeue(conn: psycopg.AsyncConnection, first_missing: dict[UUID, int],
+                   since: datetime) -> int:
+    """Replace the outbox rows of each aggregate's tail with fresh pending rows,
+    inserted in version order (so their ids follow version order)."""
+    by_aggregate: dict[UUID, list[EventEnvelope]] = defaultdict(list)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, "
+            "e.aggregate_id, e.version, e.occurred_at, e.payload, e.aggregate, e.metadata "
+            "FROM event_store.events e JOIN unnest(%s::uuid[], %s::int[]) AS m(id, v) "
+            "ON e.aggregate_id = m.id AND e.version >= m.v AND e.recorded_at >= %s "
+            "ORDER BY e.aggregate_id, e.version",
+            (list(first_missing), list(first_missing.values()), since))
+        columns = [c.name for c in cur.description or []]
+        for row in await cur.fetchall():
+            envelope = EventEnvelope.model_validate(dict(zip(columns, row, strict=True)))
+            by_aggregate[envelope.aggregate_id].append(envelope)
+        await conn.execute(
+            "DELETE FROM event_store.outbox o USING unnest(%s::uuid[], %s::int[]) AS m(id, v) "
+            "WHERE o.aggregate_id = m.id AND o.version >= m.v",
+            (list(first_missing), list(first_missing.values())))
+        rows = [
+            (e.event_id, e.tenant_id, e.aggregate_type.value, e.aggregate_id, e.version,
+             e.event_type, events_topic_name(e.aggregate_type),
+             Jsonb(e.model_dump(mode="json")),
+             Jsonb({k: v.decode() for k, v in record_headers(e)}))
+            for envelopes in by_aggregate.values() for e in envelopes
+        ]
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO event_store.outbox (event_id, tenant_id, aggregate_type, "
+                "aggregate_id, version, event_type, topic, payload, metadata) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+    return len(rows)

@@ -1,0 +1,159 @@
+"""The relay loop: own lanes, fetch pending rows, produce, mark, repeat.
+
+Woken by LISTEN/NOTIFY the moment rows are appended, with a polling fallback
+because notifications can be missed. The lanes, the batch reads and the marks
+share one connection: when it breaks, the lanes are gone, so whatever is still
+queued in the producer is discarded before anything else happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import psycopg
+from prometheus_client import Counter, Gauge, Histogram
+
+from infra import kafka
+from infra.settings import Settings, libpq_url
+from relay import outbox
+from relay.lanes import Lanes
+from relay.publisher import Publisher
+
+log = logging.getLogger("ringiflow.relay")
+
+PUBLISHED = Counter("ringiflow_relay_published_total", "Outbox rows acknowledged by Kafka")
+FAILURES = Counter("ringiflow_relay_failures_total", "Rows not acknowledged", ["kind"])
+BACKLOG = Gauge("ringiflow_relay_backlog", "Pending outbox rows")
+OLDEST_AGE = Gauge("ringiflow_relay_oldest_pending_age_seconds", "Age of the oldest pending row")
+FAILED_ROWS = Gauge("ringiflow_relay_failed_rows", "Rows marked failed (their aggregate waits)")
+LANES_OWNED = Gauge("ringiflow_relay_lanes_owned", "Lanes this relay publishes")
+LATENCY = Histogram("ringiflow_relay_commit_to_ack_seconds", "Outbox insert to broker ack",
+                    buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+
+
+@dataclass
+class Relay:
+    settings: Settings
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lanes: Lanes = field(default_factory=Lanes)
+    running: bool = False
+    publisher: Publisher = field(init=False)
+
+    @property
+    def url(self) -> str:
+        return libpq_url(self.settings.role_database_url("relay"))
+
+    def _publisher(self) -> Publisher:
+        return Publisher(self.settings.require("kafka_bootstrap"),
+                         self.settings.relay_message_timeout_ms)
+
+    async def run(self) -> None:
+        self.publisher = self._publisher()
+        await self._ensure_topics()
+        listener = asyncio.create_task(self._listen())
+        housekeeping = asyncio.create_task(self._housekeeping())
+        try:
+            while not self.stop.is_set():
+                try:
+                    await self._session()
+                except Exception as exc:  # the loop must outlive any failure
+                    self.running = False
+                    LANES_OWNED.set(0)
+                    # The lanes went with the session: nothing queued may go out now.
+                    self.publisher.discard_queued()
+                    log.error("relay session ended (%s: %s); lanes released, starting over",
+                              type(exc).__name__, exc, exc_info=not isinstance(
+                                  exc, psycopg.OperationalError | psycopg.InterfaceError))
+                    await self._sleep(1.0)
+        finally:
+            listener.cancel()
+            housekeeping.cancel()
+            await asyncio.gather(listener, housekeeping, return_exceptions=True)
+            self.publisher.producer.flush(5)
+
+    async def _session(self) -> None:
+        s = self.settings
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            await self.lanes.join(conn)
+            next_rebalance = 0.0
+            self.running = True
+            while not self.stop.is_set():
+                if time.monotonic() >= next_rebalance:
+                    await self.lanes.rebalance(conn)
+                    LANES_OWNED.set(len(self.lanes.owned))
+                    next_rebalance = time.monotonic() + s.relay_rebalance_interval_s
+                self.wake.clear()
+                rows = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
+                if rows:
+                    result = await asyncio.to_thread(self.publisher.publish, rows)
+                    if result.fatal:
+                        log.error("Kafka producer failed fatally (%s); replacing it",
+                                  result.fatal)
+                        self.publisher.discard_queued()
+                        self.publisher = self._publisher()
+                    if result.missing_topic:
+                        await self._ensure_topics()
+                    recorded = await outbox.record(
+                        conn, rows, result, s.relay_max_attempts, s.relay_backoff_s,
+                        s.relay_max_backoff_s)
+                    PUBLISHED.inc(recorded.published)
+                    FAILURES.labels("transient").inc(recorded.retried)
+                    FAILURES.labels("permanent").inc(recorded.failed)
+                    for latency in recorded.latencies_s:
+                        LATENCY.observe(latency)
+                    if recorded.published == len(rows):
+                        continue  # drained a full batch: look again at once
+                await self._sleep(s.relay_poll_interval_s, self.wake)
+
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        waiters = [asyncio.ensure_future(self.stop.wait())]
+        if wake is not None:
+            waiters.append(asyncio.ensure_future(wake.wait()))
+        _done, pending = await asyncio.wait(waiters, timeout=seconds,
+                                            return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+    async def _listen(self) -> None:
+        """Turn NOTIFY into a wake-up; on any failure, fall back to polling and retry."""
+        while not self.stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url,
+                                                                 autocommit=True) as conn:
+                    await conn.execute("LISTEN ringiflow_outbox")
+                    async for _ in conn.notifies():
+                        self.wake.set()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                log.warning("LISTEN connection lost (%s); polling every %.1f s meanwhile", exc,
+                            self.settings.relay_poll_interval_s)
+                await self._sleep(2.0)
+
+    async def _housekeeping(self) -> None:
+        retention = timedelta(days=self.settings.outbox_retention_days)
+        while not self.stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url,
+                                                                 autocommit=True) as conn:
+                    while not self.stop.is_set():
+                        current = await outbox.status(conn, failed_limit=0, count_published=False)
+                        BACKLOG.set(current.pending)
+                        OLDEST_AGE.set(current.oldest_pending_age_s or 0)
+                        FAILED_ROWS.set(current.failed)
+                        deleted = await outbox.cleanup(conn, retention)
+                        if deleted:
+                            log.info("deleted %d published outbox rows older than %s", deleted,
+                                     retention)
+                        await self._sleep(self.settings.relay_stats_interval_s)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                log.warning("housekeeping connection lost (%s)", exc)
+                await self._sleep(5.0)
+
+    async def _ensure_topics(self) -> None:
+        with contextlib.suppress(kafka.KafkaUnavailable):
+            await asyncio.to_thread(kafka.ensure_topics, self.settings.require("kafka_bootstrap"))

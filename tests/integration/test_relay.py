@@ -1,0 +1,241 @@
+"""The outbox relay against the real embedded broker, checked by reading the
+topics with a consumer (not by reading the outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from uuid import uuid4
+
+import psycopg
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+import contract
+from infra import kafka
+from infra.embedded import start_kafka
+from infra.settings import Settings, libpq_url
+from tests.conftest import component, free_port, settings_env
+from tests.events import (
+    append,
+    append_streams,
+    comment_envelope,
+    never_ahead,
+    per_aggregate,
+    read_topic,
+    wait_all_published,
+)
+
+TOPIC = contract.WORKFLOW_EVENTS.name
+
+
+def outbox_rows(database_url: str, where: str = "true") -> list[tuple]:
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        return conn.execute(
+            "SELECT aggregate_id, version, status, retry_count, last_error FROM "
+            f"event_store.outbox_state WHERE {where} ORDER BY aggregate_id, version").fetchall()
+
+
+def test_relay_publishes_every_event_in_order_with_headers_and_java_partitions(
+    fresh_db: Settings,
+) -> None:
+    ids = append_streams(fresh_db.database_url or "", aggregates=40, versions=5)
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT"):
+        assert wait_all_published(fresh_db.database_url or "")["pending"] == 0
+        expected = {e[0] for e in outbox_event_ids(fresh_db.database_url or "")}
+        consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC, expected))
+    mine = [c for c in consumed if c.envelope.aggregate_id in set(ids)]
+    assert {c.envelope.event_id for c in mine} == expected
+    partitions = list(range(contract.WORKFLOW_EVENTS.partitions))
+    for c in mine:
+        assert c.key == str(c.envelope.aggregate_id).encode()
+        assert c.partition == DefaultPartitioner()(c.key, partitions, partitions)
+        for header in ("event_id", "event_type", "aggregate_type", "version", "tenant_id",
+                       "correlation_id", "traceparent"):
+            assert header in c.headers, header
+        assert c.headers["version"].decode() == str(c.envelope.version)
+    for aggregate, versions in per_aggregate(mine).items():
+        assert versions == [1, 2, 3, 4, 5], (aggregate, versions)
+
+
+def outbox_event_ids(database_url: str) -> list[tuple]:
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        return conn.execute("SELECT event_id FROM event_store.outbox_state").fetchall()
+
+
+def test_a_notification_wakes_the_relay_without_waiting_for_the_poll(
+    fresh_db: Settings,
+) -> None:
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT",
+                   RINGIFLOW_RELAY_POLL_INTERVAL_S="60") as base:
+        time.sleep(1.5)  # idle, waiting on LISTEN
+        started = time.monotonic()
+        append_streams(fresh_db.database_url or "", aggregates=1, versions=1)
+        assert wait_all_published(fresh_db.database_url or "", timeout_s=20)["pending"] == 0
+        assert time.monotonic() - started < 20
+        import httpx
+
+        metrics = httpx.get(base + "/metrics").text
+        assert "ringiflow_relay_published_total 1.0" in metrics
+        assert "ringiflow_relay_commit_to_ack_seconds_count 1.0" in metrics
+
+
+@pytest.mark.slow
+def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
+    fresh_db: Settings,
+) -> None:
+    url = fresh_db.database_url or ""
+    ids = append_streams(url, aggregates=200, versions=40)  # 8,000 events
+    env = settings_env(fresh_db) | {"RINGIFLOW_RELAY_BATCH_SIZE": "200",
+                                    "RINGIFLOW_RELAY_REBALANCE_INTERVAL_S": "0.2"}
+    relays = []
+    for _ in range(2):
+        env_one = env | {"RINGIFLOW_RELAY_PORT": str(free_port())}
+        relays.append(subprocess.Popen([sys.executable, "-m", "ringiflow", "run", "relay"],
+                                       env=env_one, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL))
+    try:
+        # Kill one relay while both are publishing (rows are still pending).
+        deadline = time.monotonic() + 30
+        while published_count(url) < 1500 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert published_count(url) < 8000, "finished before the kill: raise the volume"
+        relays[0].send_signal(signal.SIGKILL)
+        append_streams(url, aggregates=200, versions=5, ids=ids, start=41)
+        assert wait_all_published(url, timeout_s=90)["pending"] == 0
+        expected = {row[0] for row in outbox_event_ids(url)}
+        consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC, expected))
+    finally:
+        for relay in relays:
+            relay.kill()
+            relay.wait()
+    versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
+    assert len(versions) == 200
+    for aggregate, seen in versions.items():
+        assert set(seen) == set(range(1, 46)), aggregate
+        assert never_ahead(seen), (aggregate, seen)
+
+
+def published_count(database_url: str) -> int:
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        row = conn.execute("SELECT count(*) FROM event_store.outbox_published").fetchone()
+        return int(row[0]) if row else 0
+
+
+def test_an_unpublishable_row_fails_and_holds_back_only_its_aggregate(
+    fresh_db: Settings,
+) -> None:
+    url = fresh_db.database_url or ""
+    tenant, stuck, free = uuid4(), uuid4(), uuid4()
+    append(url, [comment_envelope(tenant, stuck, 1)])
+    append(url, [comment_envelope(tenant, stuck, 2, filler=2_000_000)])  # > message.max.bytes
+    append(url, [comment_envelope(tenant, stuck, 3), comment_envelope(tenant, free, 1)])
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT", RINGIFLOW_RELAY_MAX_ATTEMPTS="2",
+                   RINGIFLOW_RELAY_BACKOFF_S="0.05"):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if outbox_rows(url, "status = 'failed'"):
+                break
+            time.sleep(0.1)
+        append(url, [comment_envelope(tenant, free, 2)])
+        wait_until(lambda: len(outbox_rows(url, "status = 'published'")) == 3)
+    rows = {(r[0], r[1]): r for r in outbox_rows(url)}
+    assert rows[(stuck, 1)][2] == "published"
+    assert rows[(stuck, 2)][2] == "failed" and rows[(stuck, 2)][3] == 2
+    assert "MSG_SIZE_TOO_LARGE" in rows[(stuck, 2)][4]
+    assert rows[(stuck, 3)][2] == "pending"  # held back behind v2, never overtakes it
+    assert rows[(free, 1)][2] == rows[(free, 2)][2] == "published"
+
+    status = subprocess.run([sys.executable, "-m", "ringiflow", "outbox", "status", "--json"],
+                            env=settings_env(fresh_db), capture_output=True, text=True)
+    assert status.returncode == 1  # failures make it alert-worthy
+    report = json.loads(status.stdout)
+    assert (report["failed"], report["pending"], report["blocked_aggregates"]) == (1, 1, 1)
+    assert report["failed_rows"][0]["aggregate_id"] == str(stuck)
+
+
+def wait_until(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_the_relay_survives_losing_its_database_sessions(fresh_db: Settings) -> None:
+    url = fresh_db.database_url or ""
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT"):
+        append_streams(url, aggregates=5, versions=2)
+        assert wait_all_published(url)["pending"] == 0
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE usename = 'ringiflow_relay' AND datname = current_database()").fetchone()
+        assert killed and killed[0] >= 1
+        ids = append_streams(url, aggregates=5, versions=2)
+        assert wait_all_published(url, timeout_s=30)["pending"] == 0
+    consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC,
+                                      {row[0] for row in outbox_event_ids(url)}))
+    for aggregate in ids:
+        assert per_aggregate(consumed)[aggregate] == [1, 2]
+
+
+@pytest.mark.slow
+def test_nothing_is_missing_after_a_broker_restart_and_reconcile(
+    fresh_db: Settings, tmp_path: Path,
+) -> None:
+    port = free_port()
+    broker = start_kafka(tmp_path, port, timeout=30)
+    bootstrap = broker.url
+    kafka.ensure_topics(bootstrap)
+    isolated = fresh_db.model_copy(update={"kafka_bootstrap": bootstrap})
+    url = isolated.database_url or ""
+    try:
+        with component("relay", isolated, "RINGIFLOW_RELAY_PORT",
+                       RINGIFLOW_RELAY_MESSAGE_TIMEOUT_MS="2000", RINGIFLOW_RELAY_BACKOFF_S="0.1",
+                       RINGIFLOW_RELAY_MAX_BACKOFF_S="1"):
+            before = append_streams(url, aggregates=20, versions=3)
+            assert wait_all_published(url)["pending"] == 0
+            broker.stop()  # memory-only: everything it held is gone
+            during = append_streams(url, aggregates=10, versions=2)  # broker down: they wait
+            time.sleep(3)
+            assert wait_all_published(url, timeout_s=1)["pending"] == 20
+            broker = start_kafka(tmp_path, port, timeout=30)
+            # The relay recreates the topics itself and drains the backlog.
+            assert wait_all_published(url, timeout_s=60)["pending"] == 0
+        result = subprocess.run(
+            [sys.executable, "-m", "ringiflow", "outbox", "reconcile", "--json"],
+            env=settings_env(isolated), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr + result.stdout
+        report = {r["topic"]: r for r in json.loads(result.stdout)}
+        assert report[TOPIC]["missing"] == 60  # the 20 x 3 published before the restart
+        with component("relay", isolated, "RINGIFLOW_RELAY_PORT"):
+            assert wait_all_published(url, timeout_s=60)["pending"] == 0
+        expected = {row[0] for row in outbox_event_ids(url)}
+        consumed = asyncio.run(read_topic(bootstrap, TOPIC, expected))
+    finally:
+        broker.stop()
+    versions = per_aggregate(consumed)
+    for aggregate in before:
+        assert set(versions[aggregate]) == {1, 2, 3}
+        assert versions[aggregate][-3:] == [1, 2, 3]  # a complete ordered tail
+    for aggregate in during:
+        assert versions[aggregate] == [1, 2]
+
+
+def test_cleanup_deletes_only_old_published_rows(fresh_db: Settings) -> None:
+    url = fresh_db.database_url or ""
+    append_streams(url, aggregates=3, versions=2)
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT"):
+        assert wait_all_published(url)["pending"] == 0
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("UPDATE event_store.outbox_published "
+                     "SET published_at = now() - interval '8 days' WHERE version = 1")
+    result = subprocess.run([sys.executable, "-m", "ringiflow", "outbox", "cleanup"],
+                            env=settings_env(fresh_db), capture_output=True, text=True)
+    assert result.returncode == 0 and "deleted 3" in result.stdout
+    assert [r[1] for r in outbox_rows(url)] == [2, 2, 2]
