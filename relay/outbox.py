@@ -19,12 +19,12 @@ MIN_PER_LANE = 200  # keeps batches large when the backlog sits in a few lanes
 # at its limit: the cost follows the batch, not the backlog, whatever the
 # planner's statistics say after a long broker outage.
 FETCH = """
-SELECT o.id, o.aggregate_id, o.version, o.topic, o.payload::text, o.metadata::text,
+SELECT o.id, o.aggregate_id, o.lane, o.version, o.topic, o.payload::text, o.metadata::text,
        extract(epoch FROM o.created_at), o.next_attempt_at
-FROM unnest(%(lanes)s::smallint[]) AS l(lane)
+FROM unnest(%(lanes)s::smallint[], %(after)s::bigint[]) AS l(lane, after_id)
 CROSS JOIN LATERAL (
     SELECT * FROM event_store.outbox p
-    WHERE p.status = 'pending' AND p.lane = l.lane
+    WHERE p.status = 'pending' AND p.lane = l.lane AND p.id > l.after_id
       AND NOT EXISTS (SELECT 1 FROM event_store.outbox f
                       WHERE f.aggregate_id = p.aggregate_id AND f.status = 'failed')
     ORDER BY p.id
@@ -33,22 +33,36 @@ CROSS JOIN LATERAL (
 """
 
 
-async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int) -> list[Row]:
+@dataclass(frozen=True)
+class Batch:
+    rows: list[Row]
+    # The last id read per lane, when the next batch may continue after it: only
+    # if nothing was held back (a held row's successors must not be read past it).
+    cursor: dict[int, int] | None
+
+
+async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
+                      after: dict[int, int] | None = None) -> Batch:
     """Pending rows of the given lanes, each lane in id order, which per aggregate
     is version order (an aggregate lives in one lane). A row waiting out its
-    backoff holds back the rest of its aggregate.
+    backoff holds back the rest of its aggregate. `after` continues behind a
+    batch still in flight.
 
     Per-row status (not a high-water mark) means a row committed after a higher
-    id was read is simply picked up by the next batch: nothing is skipped."""
+    id was read is simply picked up by a later full read: nothing is skipped."""
     if not lanes:
-        return []
+        return Batch([], None)
+    ordered = sorted(lanes)
     per_lane = max(math.ceil(limit / len(lanes)), MIN_PER_LANE)
-    cur = await conn.execute(FETCH, {"lanes": sorted(lanes), "per_lane": per_lane})
+    cur = await conn.execute(FETCH, {"lanes": ordered, "per_lane": per_lane,
+                                     "after": [(after or {}).get(lane, 0) for lane in ordered]})
     now = datetime.now(UTC)
     rows: list[Row] = []
     waiting: set[UUID] = set()
-    for row_id, aggregate_id, version, topic, payload, headers, created, next_at in \
+    cursor: dict[int, int] = dict(after or {})
+    for row_id, aggregate_id, lane, version, topic, payload, headers, created, next_at in \
             await cur.fetchall():
+        cursor[lane] = row_id
         if aggregate_id in waiting:
             continue
         if next_at is not None and next_at > now:
@@ -57,7 +71,7 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int) -> lis
         rows.append(Row(row_id, aggregate_id, version, topic, payload.encode(),
                         [(k, str(v).encode()) for k, v in orjson.loads(headers).items()],
                         float(created)))
-    return rows
+    return Batch(rows, None if waiting else cursor)
 
 
 MARK_PUBLISHED = """
@@ -77,6 +91,7 @@ class Recorded:
     retried: int
     failed: int
     latencies_s: list[float]
+    broken: set[UUID]  # aggregates whose tail stays pending behind an unacknowledged row
 
 
 async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_attempts: int,
@@ -116,7 +131,7 @@ async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_a
              "attempts": max_attempts, "id": row_id})
         status = await cur.fetchone()
         failed += bool(status and status[0] == "failed")
-    return Recorded(len(published_ids), len(attempts) - failed, failed, latencies)
+    return Recorded(len(published_ids), len(attempts) - failed, failed, latencies, broken)
 
 
 @dataclass(frozen=True)

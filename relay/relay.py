@@ -22,7 +22,7 @@ from infra import kafka
 from infra.settings import Settings, libpq_url
 from relay import outbox
 from relay.lanes import Lanes
-from relay.publisher import Publisher
+from relay.publisher import Outcome, Publisher, Row
 
 log = logging.getLogger("ringiflow.relay")
 
@@ -78,38 +78,73 @@ class Relay:
             self.publisher.producer.flush(5)
 
     async def _session(self) -> None:
+        """Read, produce and mark in a two-stage pipeline: while batch N is being
+        produced, batch N+1 is read behind it (on a second connection); N is
+        marked while N+1 is produced. An aggregate is never in two batches in
+        flight, and after any unacknowledged row the next read starts over from
+        the oldest pending row, so nothing overtakes what it follows."""
         s = self.settings
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+        connect = psycopg.AsyncConnection.connect
+        async with await connect(self.url, autocommit=True) as conn, \
+                await connect(self.url, autocommit=True) as reader:
             await self.lanes.join(conn)
             next_rebalance = 0.0
             self.running = True
-            while not self.stop.is_set():
-                if time.monotonic() >= next_rebalance:
+            inflight: tuple[outbox.Batch, asyncio.Future[Outcome]] | None = None
+            while not self.stop.is_set() or inflight:
+                if inflight is None and time.monotonic() >= next_rebalance:
                     await self.lanes.rebalance(conn)
                     LANES_OWNED.set(len(self.lanes.owned))
                     next_rebalance = time.monotonic() + s.relay_rebalance_interval_s
                 self.wake.clear()
-                rows = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
-                if rows:
-                    result = await asyncio.to_thread(self.publisher.publish, rows)
-                    if result.fatal:
-                        log.error("Kafka producer failed fatally (%s); replacing it",
-                                  result.fatal)
-                        self.publisher.discard_queued()
-                        self.publisher = self._publisher()
-                    if result.missing_topic:
-                        await self._ensure_topics()
-                    recorded = await outbox.record(
-                        conn, rows, result, s.relay_max_attempts, s.relay_backoff_s,
-                        s.relay_max_backoff_s)
-                    PUBLISHED.inc(recorded.published)
-                    FAILURES.labels("transient").inc(recorded.retried)
-                    FAILURES.labels("permanent").inc(recorded.failed)
-                    for latency in recorded.latencies_s:
-                        LATENCY.observe(latency)
-                    if recorded.published == len(rows):
-                        continue  # drained a full batch: look again at once
+                ahead = None
+                # Reading ahead pays off only under load; a small batch means the
+                # backlog is drained, and a plain read after it is quicker.
+                if inflight is not None and inflight[0].cursor is not None and \
+                        len(inflight[0].rows) >= s.relay_batch_size // 2 and \
+                        not self.stop.is_set() and time.monotonic() < next_rebalance:
+                    ahead = asyncio.ensure_future(outbox.fetch_batch(
+                        reader, self.lanes.owned, s.relay_batch_size, inflight[0].cursor))
+                if inflight is not None:
+                    batch, producing = inflight
+                    recorded = await self._mark(conn, batch.rows, await producing)
+                    inflight = None
+                    if ahead is not None:
+                        following = await ahead
+                        if not recorded.broken:
+                            inflight = self._produce(following)
+                            continue
+                    continue  # start over from the oldest pending row
+                if self.stop.is_set():
+                    break
+                batch = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
+                if batch.rows:
+                    inflight = self._produce(batch)
+                    continue
                 await self._sleep(s.relay_poll_interval_s, self.wake)
+
+    def _produce(self, batch: outbox.Batch) -> tuple[outbox.Batch, asyncio.Future[Outcome]] | None:
+        if not batch.rows:
+            return None
+        return batch, asyncio.ensure_future(asyncio.to_thread(self.publisher.publish, batch.rows))
+
+    async def _mark(self, conn: psycopg.AsyncConnection, rows: list[Row],
+                    result: Outcome) -> outbox.Recorded:
+        s = self.settings
+        if result.fatal:
+            log.error("Kafka producer failed fatally (%s); replacing it", result.fatal)
+            self.publisher.discard_queued()
+            self.publisher = self._publisher()
+        if result.missing_topic:
+            await self._ensure_topics()
+        recorded = await outbox.record(conn, rows, result, s.relay_max_attempts,
+                                       s.relay_backoff_s, s.relay_max_backoff_s)
+        PUBLISHED.inc(recorded.published)
+        FAILURES.labels("transient").inc(recorded.retried)
+        FAILURES.labels("permanent").inc(recorded.failed)
+        for latency in recorded.latencies_s:
+            LATENCY.observe(latency)
+        return recorded
 
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         waiters = [asyncio.ensure_future(self.stop.wait())]

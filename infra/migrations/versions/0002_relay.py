@@ -20,6 +20,11 @@ def upgrade() -> None:
             GENERATED ALWAYS AS (get_byte(uuid_send(aggregate_id), 15) % {LANES}) STORED;
         CREATE INDEX outbox_pending_lane ON event_store.outbox (lane, id)
             WHERE status = 'pending';
+        -- A queue table: every row is inserted once and deleted once. Vacuum it
+        -- early so index walks do not wade through dead entries.
+        ALTER TABLE event_store.outbox SET (autovacuum_vacuum_scale_factor = 0.0,
+            autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_insert_threshold = 5000,
+            autovacuum_analyze_scale_factor = 0.0, autovacuum_analyze_threshold = 5000);
 
         -- One notification per appending statement wakes idle relays at once; they
         -- also poll, because a notification can be missed (LESSONS #9).
