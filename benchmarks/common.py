@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra import db, kafka
-from infra.embedded import EmbeddedStack, free_port
+from infra.embedded import free_port
+from infra.provision import embedded_system
 from infra.settings import Settings
 
 BENCH_SECRET = "benchmark-secret-0123456789abcdef0123456789"
@@ -27,14 +27,8 @@ def embedded_stack(fsync: bool = True) -> Iterator[Settings]:
     with tempfile.TemporaryDirectory(prefix="ringiflow-bench-") as tmp:
         base = Settings(data_dir=Path(tmp), postgres_fsync=fsync,
                         jwt_secret=BENCH_SECRET)  # type: ignore[arg-type]
-        stack = EmbeddedStack(Path(tmp))
-        try:
-            urls = stack.start(base)
-            db.migrate(urls["database_url"])
-            kafka.ensure_topics(urls["kafka_bootstrap"])
-            yield base.model_copy(update=urls)
-        finally:
-            stack.stop()
+        with embedded_system(base) as ready:
+            yield ready
 
 
 @contextmanager

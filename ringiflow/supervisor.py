@@ -19,8 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra import db, kafka
 from infra.embedded import EmbeddedError, EmbeddedStack, claim_port, die_with_parent
+from infra.provision import provision
 from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url
 from ringiflow.components import COMPONENTS, Component
 
@@ -90,9 +90,8 @@ class Supervisor:
             urls = self.stack.start(self.settings)
             if self.stopping.is_set():
                 return 0
-            print_step("migrations", "applying")
-            db.migrate(urls["database_url"], self.settings.role_password)
-            reports = kafka.ensure_topics(urls["kafka_bootstrap"])
+            print_step("migrations and topics", "applying")
+            reports = provision(self.settings.model_copy(update=urls))
             created = sum(r.state == "created" for r in reports)
             print_step("topics", f"{len(reports)} ensured ({created} created)")
             for r in reports:

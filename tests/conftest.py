@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra import db, kafka
-from infra.embedded import EmbeddedStack
+from infra import db
+from infra.provision import embedded_system
 from infra.settings import Settings
 
 TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
@@ -38,14 +38,8 @@ def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(stack_dir: Path) -> Iterator[Settings]:
     base = Settings(data_dir=stack_dir, postgres_fsync=False,
                     jwt_secret=TEST_JWT_SECRET)  # type: ignore[arg-type]
-    stack = EmbeddedStack(stack_dir, timeout=60)
-    try:
-        urls = stack.start(base)
-        db.migrate(urls["database_url"])
-        kafka.ensure_topics(urls["kafka_bootstrap"])
-        yield base.model_copy(update=urls)
-    finally:
-        stack.stop()
+    with embedded_system(base) as ready:
+        yield ready
 
 
 @pytest.fixture
