@@ -19,7 +19,7 @@ from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from commands.domain import AggregateState, DomainEvent, fold, initial_state
-from contract import EventEnvelope, record_headers, to_record
+from contract import EventEnvelope, events_topic_name, record_headers
 
 set_json_dumps(orjson.dumps)
 set_json_loads(orjson.loads)
@@ -70,7 +70,8 @@ async def append(conn: AsyncConnection, tenant_id: UUID, envelopes: list[EventEn
                  idempotency: dict[str, Any] | None = None) -> int:
     """Append events with their outbox rows (and the idempotency record) atomically;
     return the last event's global position."""
-    items = [{"envelope": envelope.model_dump(mode="json"), "topic": to_record(envelope).topic,
+    items = [{"envelope": envelope.model_dump(mode="json"),
+              "topic": events_topic_name(envelope.aggregate_type),
               "headers": {k: v.decode() for k, v in record_headers(envelope)}}
              for envelope in envelopes]
     try:
