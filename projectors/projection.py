@@ -1,0 +1,53 @@
+"""Projections declared as data: which events, which store. A store applies a
+batch idempotently and order-safely, so at-least-once delivery, replays and
+re-drives of older events never change the final state.
+
+Every event carries the aggregate's state after it (`aggregate`), so each read
+model is a function of the newest snapshot it has seen, guarded by version:
+an older or repeated event is recognised and skipped, never re-applied."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from contract import EventEnvelope
+
+
+class Retryable(Exception):
+    """Worth trying again: connection lost, timeout, 429/5xx, deadlock."""
+
+
+class NonRetryable(Exception):
+    """Will fail the same way every time: dead-letter the event at once."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event as a projector receives it."""
+
+    envelope: EventEnvelope
+    replay: bool = False  # re-projected: side effects (notifications) stay quiet
+
+
+class Store(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def apply(self, batch: Sequence[Delivery]) -> None:
+        """Apply every event of the batch, idempotently; raise Retryable or
+        NonRetryable (the runtime then isolates the event that caused it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Projection:
+    group: str  # the consumer group: offsets, lag, retry policy and DLQ of its own
+    topics: tuple[str, ...]
+    event_types: frozenset[str] | None  # None: every event on the topics
+    store: Store = field(compare=False)
+
+    def handles(self, event_type: str) -> bool:
+        return self.event_types is None or event_type in self.event_types
