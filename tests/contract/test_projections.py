@@ -16,10 +16,11 @@ import psycopg
 import pytest
 
 from commands import domain
-from infra.clients import redis_client
+from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import CacheStore
 from projectors.projection import Store
+from projectors.search_store import ALIAS, SearchStore
 from projectors.workflow_store import WorkflowStore
 from tests.scenarios import World, build_world, chaotic, in_order
 
@@ -141,11 +142,39 @@ def check_redis(state: State, world: World) -> None:
     assert {m for m, _ in state["overdue"]} == {s.id for s in in_progress if s.due_date}
 
 
+# --- OpenSearch: search-indexer ------------------------------------------------------------
+
+
+async def read_search(settings: Settings, tenant: UUID) -> State:
+    client = opensearch_client(settings.opensearch_url or "")
+    try:
+        await client.indices.refresh(index=ALIAS)
+        found = await client.search(index=ALIAS, body={
+            "query": {"term": {"tenant_id": str(tenant)}}, "size": 1000, "version": True})
+        docs = [(UUID(h["_id"]), h["_version"], h["_source"]["status"], h["_source"]["title"])
+                for h in found["hits"]["hits"]]
+        matches = await client.search(index=ALIAS, body={"query": {"bool": {
+            "filter": [{"term": {"tenant_id": str(tenant)}}],
+            "must": [{"match": {"title": "大阪"}}]}}, "size": 1000})
+        return {"docs": sorted(docs), "japanese_matches": [(matches["hits"]["total"]["value"],)]}
+    finally:
+        await client.close()
+
+
+def check_search(state: State, world: World) -> None:
+    finals = workflows_of(world)
+    assert {d[0]: (d[1], d[2]) for d in state["docs"]} == {
+        i: (s.version, s.status.value) for i, s in finals.items()}
+    assert state["japanese_matches"] == [(len(finals),)]  # every title mentions 大阪
+
+
 ADAPTERS = [
     Adapter("postgres", lambda s: WorkflowStore(libpq_url(s.role_database_url("projector"))),
             read_postgres, check_postgres),
     Adapter("redis", lambda s: CacheStore(s.redis_url or ""), read_redis, check_redis,
             frozenset({"details"})),
+    Adapter("opensearch", lambda s: SearchStore(s.opensearch_url or ""), read_search,
+            check_search),
 ]
 
 
