@@ -289,7 +289,7 @@ def start_redis(data_dir: Path, port: int, timeout: float) -> Server:
     # Redis holds caches and counters a rebuild can restore; snapshots keep it
     # warm across restarts without fsync cost.
     args = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "60 1000", "--appendonly", "no", "--daemonize", "no",
+            "--save", "60", "1000", "--appendonly", "no", "--daemonize", "no",
             "--protected-mode", "no"]
     log_path = data_dir / "logs" / "redis.log"
     proc = _spawn("Redis", args, log_path, REDIS_HINT)

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     relay_stats_interval_s: float = Field(default=5.0, gt=0)
     outbox_retention_days: float = Field(default=7.0, gt=0)
 
+    # Stream processors.
+    worker_batch_size: int = Field(default=500, ge=1, le=50_000)
+    worker_batch_wait_s: float = Field(default=0.05, ge=0)
+    worker_retry_attempts: int = Field(default=5, ge=1)
+    parked_aggregates_cap: int = Field(default=1000, ge=1)
+    stall_after_s: float = Field(default=60.0, gt=0)  # lag > 0 and no progress this long
+    replay_notifications: bool = False  # send notifications for replayed events too
+
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set
     jwt_audience: str | None = "ringiflow"

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from projectors.projection import Delivery, NonRetryable, Retryable
+from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 
 APPLY = """
 local id, v, status, due, day, body, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
@@ -130,7 +130,7 @@ class CacheStore:
                             pipe.publish(channel, orjson.dumps(message))
                     await pipe.execute()
         except RETRYABLE as exc:
-            raise Retryable(f"Redis unreachable: {exc}") from exc
+            raise Unavailable(f"Redis unreachable: {exc}") from exc
         except NoScriptError as exc:  # Redis restarted empty: load the script again
             self.sha = await self.client.script_load(APPLY)
             raise Retryable("Redis lost the projection script; reloaded it") from exc

@@ -19,6 +19,11 @@ class Retryable(Exception):
     """Worth trying again: connection lost, timeout, 429/5xx, deadlock."""
 
 
+class Unavailable(Retryable):
+    """The store cannot be reached at all: retried without limit (nothing else can
+    be applied either); lag and event age tell the operator."""
+
+
 class NonRetryable(Exception):
     """Will fail the same way every time: dead-letter the event at once."""
 

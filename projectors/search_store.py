@@ -22,7 +22,7 @@ from opensearchpy.exceptions import (
     TransportError,
 )
 
-from projectors.projection import Delivery, NonRetryable, Retryable
+from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 from projectors.workflow_store import newest_by_aggregate
 
 log = logging.getLogger("ringiflow.search")
@@ -93,7 +93,7 @@ class SearchStore:
         try:
             result = await self.client.bulk(body=body)
         except (OSConnectionError, ConnectionTimeout) as exc:
-            raise Retryable(f"OpenSearch unreachable: {exc}") from exc
+            raise Unavailable(f"OpenSearch unreachable: {exc}") from exc
         except TransportError as exc:
             if isinstance(exc.status_code, int) and exc.status_code < 500 and \
                     exc.status_code != 429:

@@ -17,9 +17,9 @@ from uuid import UUID
 import psycopg
 from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from projectors.projection import Delivery, NonRetryable, Retryable
+from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 
 UPSERT_WORKFLOWS = """
 INSERT INTO read_model.workflow_read_models AS w (
@@ -172,8 +172,8 @@ class WorkflowStore:
                     await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)",
                                        (str(tenant),))
                     await self._apply_tenant(conn, tenant, deliveries)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            raise Retryable(f"PostgreSQL unreachable: {exc}") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise Unavailable(f"PostgreSQL unreachable: {exc}") from exc
         except psycopg.Error as exc:
             state = exc.sqlstate or ""
             if state in RETRYABLE_SQLSTATES:

@@ -1,0 +1,235 @@
+"""The sequenced dead-letter queue: a group's DLQ topic holds the records, and
+streams.parked_aggregates says which aggregates wait behind a dead letter.
+
+Once an event of an aggregate is dead-lettered, every later event of that
+aggregate is parked behind it (also sent to the DLQ, in order) while other
+aggregates keep flowing. Re-driving replays the parked sequence in order."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from uuid import UUID
+
+from confluent_kafka import KafkaException
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from contract import dlq_topic
+from infra.kafka import producer
+from projectors.projection import Store
+
+log = logging.getLogger("ringiflow.dlq")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A consumed Kafka record, whatever library consumed it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode(errors="replace")
+        return None
+
+
+@dataclass(frozen=True)
+class Failure:
+    record: Record
+    error: BaseException
+    attempts: int
+    first_failure: datetime
+    last_failure: datetime
+    aggregate_id: UUID | None = None
+    tenant_id: UUID | None = None
+    aggregate_type: str | None = None
+    version: int | None = None
+    event_id: UUID | None = None
+    parked_behind: UUID | None = None  # set when parked behind an earlier dead letter
+
+    @property
+    def reason(self) -> str:
+        return "parked" if self.parked_behind else "failed"
+
+
+def dlq_headers(group: str, failure: Failure) -> list[tuple[str, bytes]]:
+    error = failure.error
+    context = {
+        "dlq.reason": failure.reason,
+        "dlq.group": group,
+        "dlq.original.topic": failure.record.topic,
+        "dlq.original.partition": str(failure.record.partition),
+        "dlq.original.offset": str(failure.record.offset),
+        "dlq.error.class": type(error).__name__,
+        "dlq.error.message": str(error)[:4000],
+        "dlq.error.stack": "".join(traceback.format_exception(error))[-8000:],
+        "dlq.attempts": str(failure.attempts),
+        "dlq.first_failure": failure.first_failure.isoformat(),
+        "dlq.last_failure": failure.last_failure.isoformat(),
+    }
+    if failure.parked_behind:
+        context["dlq.parked_behind"] = str(failure.parked_behind)
+    original = [(k, v) for k, v in failure.record.headers if not k.startswith("dlq.")]
+    return original + [(k, v.encode()) for k, v in context.items()]
+
+
+class DeadLetters:
+    def __init__(self, group: str, bootstrap: str, pool: AsyncConnectionPool) -> None:
+        self.group = group
+        self.topic = dlq_topic(group).name
+        self.producer = producer(bootstrap)
+        self.pool = pool
+
+    async def parked(self, aggregate_ids: set[UUID]) -> dict[UUID, UUID]:
+        """Which of these aggregates wait behind a dead letter (-> its event id)."""
+        if not aggregate_ids:
+            return {}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT aggregate_id, first_event_id FROM streams.parked_aggregates "
+                "WHERE consumer_group = %s AND aggregate_id = ANY(%s)",
+                (self.group, list(aggregate_ids)))
+            return dict(await cur.fetchall())
+
+    async def count(self) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM streams.parked_aggregates "
+                                     "WHERE consumer_group = %s", (self.group,))
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    async def send(self, failures: Sequence[Failure]) -> None:
+        """Write the records to the DLQ topic (acknowledged before returning: the
+        event must live somewhere before its offset may be committed), then
+        record the parking."""
+        if not failures:
+            return
+        errors: list[str] = []
+        for failure in failures:
+            key = failure.record.key or (str(failure.aggregate_id).encode()
+                                         if failure.aggregate_id else None)
+            self.producer.produce(
+                self.topic, value=failure.record.value, key=key,
+                headers=dlq_headers(self.group, failure),
+                on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)
+        remaining = self.producer.flush(30)
+        if remaining or errors:
+            raise KafkaException(f"DLQ {self.topic} did not acknowledge: {errors[:3]}")
+        async with self.pool.connection() as conn, conn.transaction():
+            for failure in failures:
+                if failure.aggregate_id is not None:
+                    await self._park(conn, failure)
+        for failure in failures:
+            log.error("%s %s event %s (%s v%s, from %s[%d]@%d) to %s: %s: %s", self.group,
+                      failure.reason, failure.event_id, failure.aggregate_type,
+                      failure.version, failure.record.topic, failure.record.partition,
+                      failure.record.offset, self.topic, type(failure.error).__name__,
+                      failure.error)
+
+    async def _park(self, conn: AsyncConnection, failure: Failure) -> None:
+        await conn.execute(
+            "INSERT INTO streams.parked_aggregates AS p (consumer_group, aggregate_id, "
+            "tenant_id, aggregate_type, first_event_id, first_version, last_version, "
+            "error_class, error_message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (consumer_group, aggregate_id) DO UPDATE SET "
+            "parked_events = p.parked_events + 1, "
+            "last_version = greatest(p.last_version, EXCLUDED.last_version), "
+            "updated_at = clock_timestamp()",
+            (self.group, failure.aggregate_id, failure.tenant_id,
+             failure.aggregate_type or "unknown", failure.event_id, failure.version or 0,
+             failure.version or 0, type(failure.error).__name__, str(failure.error)[:2000]))
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Redrive:
+    aggregate_id: UUID
+    applied: int
+    released: bool
+    error: str | None = None
+
+
+async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
+                  bootstrap: str) -> Redrive:
+    """Replay an aggregate's dead letters, in order, through the store; release
+    the aggregate when all of them applied and nothing was parked meanwhile."""
+    from aiokafka import TopicPartition
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from contract import decode_envelope
+    from infra.kafka import record_consumer, stop_consumer
+    from projectors.projection import Delivery
+
+    applied = 0
+    while True:
+        async with dead_letters.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT first_version, parked_events FROM streams.parked_aggregates "
+                "WHERE consumer_group = %s AND aggregate_id = %s",
+                (dead_letters.group, aggregate_id))
+            row = await cur.fetchone()
+        if row is None:
+            return Redrive(aggregate_id, applied, released=True)
+        first_version, parked_events = row
+        key = str(aggregate_id).encode()
+        consumer = record_consumer(bootstrap)
+        await consumer.start()
+        try:
+            partitions = sorted(consumer.partitions_for_topic(dead_letters.topic) or ())
+            partition = DefaultPartitioner()(key, partitions, partitions)
+            tp = TopicPartition(dead_letters.topic, partition)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            envelopes = []
+            # Read until an empty poll past the reported end (Tansu's end offset can
+            # trail the last acknowledged record by one).
+            while True:
+                messages = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+                for message in messages:
+                    if message.key == key:
+                        envelope = decode_envelope(message.value)
+                        if envelope.version >= first_version:
+                            envelopes.append(envelope)
+                if not messages and await consumer.position(tp) >= end:
+                    break
+        finally:
+            await stop_consumer(consumer)
+        for envelope in sorted(envelopes, key=lambda e: e.version):
+            try:
+                await store.apply([Delivery(envelope)])
+            except Exception as exc:  # still failing: stays parked, with the new reason
+                async with dead_letters.pool.connection() as conn:
+                    await conn.execute(
+                        "UPDATE streams.parked_aggregates SET error_class = %s, "
+                        "error_message = %s, updated_at = clock_timestamp() "
+                        "WHERE consumer_group = %s AND aggregate_id = %s",
+                        (type(exc).__name__, str(exc)[:2000], dead_letters.group,
+                         aggregate_id))
+                return Redrive(aggregate_id, applied, released=False,
+                               error=f"v{envelope.version}: {type(exc).__name__}: {exc}")
+            applied += 1
+        async with dead_letters.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM streams.parked_aggregates WHERE consumer_group = %s AND "
+                "aggregate_id = %s AND parked_events = %s",
+                (dead_letters.group, aggregate_id, parked_events))
+            if cur.rowcount == 1:
+                return Redrive(aggregate_id, applied, released=True)
+        # More events were parked while we replayed: go again, from the top.

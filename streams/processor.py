@@ -1,0 +1,197 @@
+"""Running one projection over batches of records, whatever consumes them.
+
+Per batch: decode (undecodable, unknown type or schema version -> DLQ at once),
+keep the event types the projection handles, park events of aggregates that
+wait behind a dead letter, and apply the rest to the store. Retryable errors
+are retried with bounded exponential backoff -- for as long as it takes when
+the store itself is unreachable -- and a batch that fails for good is split
+until the events that fail are isolated, dead-lettered and their aggregates
+parked, while every other event is applied. Only then does the batch count as
+processed, so the consumer may commit its offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID
+
+from prometheus_client import Counter, Gauge
+
+import contract
+from projectors.projection import Delivery, NonRetryable, Projection, Retryable, Unavailable
+from streams.deadletters import DeadLetters, Failure, Record
+
+log = logging.getLogger("ringiflow.streams")
+
+PROCESSED = Counter("ringiflow_events_processed_total", "Events applied", ["group"])
+SKIPPED = Counter("ringiflow_events_skipped_total", "Events this projection ignores", ["group"])
+FAILED = Counter("ringiflow_events_failed_total", "Events dead-lettered", ["group", "reason"])
+RETRIES = Counter("ringiflow_store_retries_total", "Store writes retried", ["group"])
+PARKED = Gauge("ringiflow_parked_aggregates", "Aggregates waiting behind a dead letter",
+               ["group"])
+PARKED_OVER_CAP = Gauge("ringiflow_parked_over_cap",
+                        "1 when more aggregates are parked than the cap allows", ["group"])
+EVENT_AGE = Gauge("ringiflow_event_age_seconds",
+                  "Now minus occurred_at of the last event applied", ["group", "partition"])
+
+REPLAY_HEADER = "ringiflow-replay"
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 5
+    base_s: float = 0.1
+    max_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.base_s * 2 ** (attempt - 1))
+
+
+@dataclass
+class Processor:
+    projection: Projection
+    dead_letters: DeadLetters
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    parked_cap: int = 1000
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def group(self) -> str:
+        return self.projection.group
+
+    async def process(self, records: Sequence[Record]) -> None:
+        now = datetime.now(UTC)
+        dead: list[Failure] = []
+        deliveries: list[tuple[Record, Delivery]] = []
+        for record in records:
+            try:
+                envelope = contract.decode_envelope(record.value)
+            except (contract.UndecodableRecord, contract.UnknownEventType,
+                    contract.UnsupportedSchemaVersion) as exc:
+                dead.append(failure_from_headers(record, exc, now))
+                continue
+            if not self.projection.handles(envelope.event_type):
+                SKIPPED.labels(self.group).inc()
+                continue
+            replay = record.header(REPLAY_HEADER) == "true"
+            deliveries.append((record, Delivery(envelope, replay)))
+        waiting = {f.aggregate_id for f in dead if f.aggregate_id}
+        parked = await self.dead_letters.parked(
+            {d.envelope.aggregate_id for _, d in deliveries})
+        flowing: list[tuple[Record, Delivery]] = []
+        for record, delivery in deliveries:
+            aggregate = delivery.envelope.aggregate_id
+            behind = parked.get(aggregate) or next(
+                (f.event_id for f in dead if f.aggregate_id == aggregate), None)
+            if aggregate in parked or aggregate in waiting:
+                dead.append(parked_failure(record, delivery, behind, now))
+            else:
+                flowing.append((record, delivery))
+        dead += await self._apply(flowing)
+        if dead:
+            await self.dead_letters.send(dead)
+            for failure in dead:
+                FAILED.labels(self.group, failure.reason).inc()
+            await self._check_cap()
+        for record, delivery in flowing:
+            if not any(f.record is record for f in dead):
+                EVENT_AGE.labels(self.group, str(record.partition)).set(
+                    time.time() - delivery.envelope.occurred_at.timestamp())
+
+    async def _apply(self, items: list[tuple[Record, Delivery]]) -> list[Failure]:
+        """Apply the batch; on a lasting failure split it to find the culprits.
+        Events after a failed one of the same aggregate are parked behind it."""
+        if not items:
+            return []
+        first = datetime.now(UTC)
+        try:
+            await self._with_retries([d for _, d in items])
+            PROCESSED.labels(self.group).inc(len(items))
+            return []
+        except (NonRetryable, Retryable) as exc:
+            if len(items) == 1:
+                record, delivery = items[0]
+                attempts = 1 if isinstance(exc, NonRetryable) else self.policy.attempts
+                return [failure_of(record, delivery, exc, attempts, first)]
+        failures: list[Failure] = []
+        for record, delivery in items:  # one by one, in order
+            behind = next((f.event_id for f in failures
+                           if f.aggregate_id == delivery.envelope.aggregate_id), None)
+            if behind:
+                failures.append(parked_failure(record, delivery, behind, first))
+                continue
+            failures += await self._apply([(record, delivery)])
+        return failures
+
+    async def _with_retries(self, batch: list[Delivery]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.projection.store.apply(batch)
+                return
+            except Unavailable as exc:
+                if self.stop.is_set():
+                    raise
+                delay = self.policy.delay(min(attempt, 10))
+                log.warning("%s: store unavailable (%s); retrying in %.1f s", self.group,
+                            exc, delay)
+            except Retryable as exc:
+                if attempt >= self.policy.attempts:
+                    raise
+                delay = self.policy.delay(attempt)
+                log.warning("%s: retryable failure (%s); attempt %d of %d in %.2f s",
+                            self.group, exc, attempt + 1, self.policy.attempts, delay)
+            RETRIES.labels(self.group).inc()
+            await asyncio.sleep(delay)
+
+    async def _check_cap(self) -> None:
+        count = await self.dead_letters.count()
+        PARKED.labels(self.group).set(count)
+        over = count > self.parked_cap
+        PARKED_OVER_CAP.labels(self.group).set(int(over))
+        if over:
+            log.critical("%s: %d aggregates are parked behind dead letters (cap %d): the "
+                         "group keeps flowing for every other aggregate, but this needs an "
+                         "operator: `ringiflow dlq list --group %s`", self.group, count,
+                         self.parked_cap, self.group)
+
+
+def failure_of(record: Record, delivery: Delivery, error: BaseException, attempts: int,
+               first: datetime) -> Failure:
+    e = delivery.envelope
+    return Failure(record, error, attempts, first, datetime.now(UTC), e.aggregate_id,
+                   e.tenant_id, e.aggregate_type.value, e.version, e.event_id)
+
+
+def parked_failure(record: Record, delivery: Delivery, behind: UUID | None,
+                   now: datetime) -> Failure:
+    e = delivery.envelope
+    error = NonRetryable(f"parked behind dead letter {behind} of aggregate {e.aggregate_id}")
+    return Failure(record, error, 0, now, now, e.aggregate_id, e.tenant_id,
+                   e.aggregate_type.value, e.version, e.event_id,
+                   parked_behind=behind or e.event_id)
+
+
+def failure_from_headers(record: Record, error: BaseException, now: datetime) -> Failure:
+    """An event the consumer cannot read still names its aggregate in the headers,
+    so its successors can be parked behind it."""
+    def uuid_header(name: str) -> UUID | None:
+        try:
+            value = record.header(name)
+            return UUID(value) if value else None
+        except ValueError:
+            return None
+
+    version = record.header("version")
+    aggregate, tenant, event = (uuid_header("aggregate_id"), uuid_header("tenant_id"),
+                                uuid_header("event_id"))
+    if not (aggregate and tenant and event):
+        aggregate = None  # nothing to park behind: only this record goes to the DLQ
+    return Failure(record, error, 1, now, now, aggregate, tenant,
+                   record.header("aggregate_type"),
+                   int(version) if version and version.isdigit() else None, event)
