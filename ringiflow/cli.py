@@ -76,6 +76,23 @@ def run(component: Annotated[str, typer.Argument(help="command-api | query-api |
 
 
 @app.command()
+def projector(
+    group: Annotated[str, typer.Argument(help="Consumer group, e.g. workflow-projector.")],
+    port: Annotated[int, typer.Option(help="Health and metrics port.")] = 0,
+) -> None:
+    """Run one projection's Faust worker (what `run workers` starts for each)."""
+    from infra.embedded import free_port
+    from projectors.catalogue import CATALOGUE
+    from streams.worker import run_projector
+
+    if group not in CATALOGUE:
+        raise ConfigError(f"unknown projection {group!r}; choose one of {', '.join(CATALOGUE)}")
+    settings = load_settings().with_runtime()
+    _configure_logging(settings)
+    run_projector(group, settings, port or free_port())
+
+
+@app.command()
 def migrate(data_dir: DataDir = None) -> None:
     """Apply database migrations (idempotent)."""
     from infra import db

@@ -164,12 +164,13 @@ class Supervisor:
                         f"{child.component.name} exited with code {child.process.returncode} "
                         f"during start-up; see {child.log_path}:\n{tail(child.log_path)}"
                     )
-                if http_ok(child.component.url(self.settings) + "/healthz"):
+                # Ready, not just alive: `up` reports a system that can serve.
+                if http_ok(child.component.url(self.settings) + "/readyz"):
                     pending.remove(child)
             if time.monotonic() > deadline:
                 names = ", ".join(c.component.name for c in pending)
                 raise EmbeddedError(
-                    f"{names} not healthy within {self.settings.startup_timeout_s:.0f} s; "
+                    f"{names} not ready within {self.settings.startup_timeout_s:.0f} s; "
                     f"logs in {self.settings.data_path / 'logs'}"
                 )
             time.sleep(0.1)

@@ -1,15 +1,121 @@
-"""The stream-processing workers: projectors and derived-topic processors."""
+"""`ringiflow run workers`: one Faust worker process per projection (Faust runs
+one app, so one consumer group, per process), restarted with backoff when one
+crashes, behind one health endpoint: /healthz (alive), /readyz (every worker
+ready), /metrics (all workers' metrics)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from infra.clients import readiness_checks
-from infra.service import service_app
+import httpx
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+
+from infra.embedded import die_with_parent, free_port
 from infra.settings import Settings
+from projectors.catalogue import CATALOGUE
+
+log = logging.getLogger("ringiflow.workers")
+
+
+@dataclass
+class WorkerProcess:
+    group: str
+    port: int
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, settings: Settings) -> None:
+        log_path = settings.data_path / "logs" / f"worker-{self.group}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RINGIFLOW_WORKERS_HOST": "127.0.0.1"}
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ringiflow", "projector", self.group,
+                 "--port", str(self.port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent())
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def create_app(settings: Settings) -> FastAPI:
-    return service_app(
-        "workers", readiness_checks(settings, "projector", "kafka", "redis", "opensearch")
-    )
+    workers = [WorkerProcess(group, free_port()) for group in CATALOGUE]
+
+    async def supervise() -> None:
+        backoff = {w.group: 1.0 for w in workers}
+        while True:
+            await asyncio.sleep(1.0)
+            for worker in workers:
+                if worker.process and worker.process.poll() is not None:
+                    log.error("worker %s exited with %s; restarting in %.0f s", worker.group,
+                              worker.process.returncode, backoff[worker.group])
+                    await asyncio.sleep(backoff[worker.group])
+                    backoff[worker.group] = min(backoff[worker.group] * 2, 30.0)
+                    worker.restarts += 1
+                    worker.start(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        for worker in workers:
+            worker.start(settings)
+        task = asyncio.create_task(supervise())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers))
+
+    app = FastAPI(title="RingiFlow workers", lifespan=lifespan)
+
+    async def each(path: str) -> dict[str, httpx.Response | None]:
+        async with httpx.AsyncClient(timeout=3) as client:
+            async def one(worker: WorkerProcess) -> httpx.Response | None:
+                try:
+                    return await client.get(worker.url + path)
+                except httpx.HTTPError:
+                    return None
+            results = await asyncio.gather(*(one(w) for w in workers))
+        return {w.group: r for w, r in zip(workers, results, strict=True)}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "component": "workers"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        answers = await each("/readyz")
+        detail = {group: (r.json() if r is not None else {"status": "unreachable"})
+                  for group, r in answers.items()}
+        ready = all(r is not None and r.status_code == 200 for r in answers.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready",
+                             "component": "workers", "workers": detail},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        answers = await each("/metrics")
+        body = "\n".join(r.text for r in answers.values() if r is not None)
+        return Response(body, media_type="text/plain; version=0.0.4")
+
+    return app

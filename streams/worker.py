@@ -1,0 +1,157 @@
+"""One projection as a Faust worker: its own consumer group, one ordered agent
+(concurrency 1), batches taken without acknowledgement and acknowledged only
+after the processor has applied or dead-lettered every event of the batch, so
+Faust can only commit offsets of events that live somewhere.
+
+Faust acks an event whose agent raised (LESSONS #2); here the agent never
+raises for an event: errors are the processor's business. Its web server
+serves /healthz, /readyz and /metrics: per-partition lag, event age, counters,
+and a flag for a partition that has lag but stopped advancing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import Gauge, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from infra.settings import Settings, libpq_url
+from projectors.catalogue import CATALOGUE
+from streams.deadletters import DeadLetters, Record
+from streams.processor import Processor, RetryPolicy
+
+log = logging.getLogger("ringiflow.worker")
+
+LAG = Gauge("ringiflow_consumer_lag", "Records behind the partition's end",
+            ["group", "topic", "partition"])
+STALLED = Gauge("ringiflow_partition_stalled",
+                "1 when a partition has lag but has not advanced for stall_after_s",
+                ["group", "topic", "partition"])
+
+
+def record_of(event: Any) -> Record:
+    message = event.message
+    headers = message.headers or ()
+    if isinstance(headers, dict):
+        headers = headers.items()
+    return Record(message.topic, message.partition, message.offset, message.key,
+                  message.value, tuple((k, v if isinstance(v, bytes) else str(v).encode())
+                                       for k, v in headers))
+
+
+class Progress:
+    """Where each partition is, for lag and stall detection."""
+
+    def __init__(self, group: str, stall_after_s: float) -> None:
+        self.group, self.stall_after_s = group, stall_after_s
+        self.next_offset: dict[tuple[str, int], int] = {}
+        self.moved_at: dict[tuple[str, int], float] = {}
+
+    def advanced(self, records: list[Record]) -> None:
+        now = time.monotonic()
+        for r in records:
+            self.next_offset[(r.topic, r.partition)] = r.offset + 1
+            self.moved_at[(r.topic, r.partition)] = now
+
+    def report(self, highwaters: dict[tuple[str, int], int]) -> list[str]:
+        stalled = []
+        now = time.monotonic()
+        for (topic, partition), end in highwaters.items():
+            position = self.next_offset.get((topic, partition))
+            lag = max(0, end - position) if position is not None else 0
+            LAG.labels(self.group, topic, str(partition)).set(lag)
+            moved = self.moved_at.setdefault((topic, partition), now)
+            stuck = lag > 0 and now - moved > self.stall_after_s
+            STALLED.labels(self.group, topic, str(partition)).set(int(stuck))
+            if stuck:
+                stalled.append(f"{topic}[{partition}] lag {lag}, no progress for "
+                               f"{now - moved:.0f} s")
+        return stalled
+
+
+def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust.App:
+    projection = CATALOGUE[group](settings)
+    bootstrap = settings.require("kafka_bootstrap")
+    app = faust.App(
+        group,
+        broker=[f"kafka://{host}" for host in bootstrap.split(",")],
+        value_serializer="raw", key_serializer="raw", store="memory://",
+        datadir=str(datadir), topic_disable_leader=True, topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest", stream_wait_empty=False,
+        broker_max_poll_records=settings.worker_batch_size,
+        stream_buffer_maxsize=settings.worker_batch_size * 4,
+        web_enabled=True, web_port=port, web_bind=settings.workers_host,
+        web_host=settings.workers_host, web_in_thread=False,
+        # Short timeouts: a restarted worker rejoins its group in seconds, not minutes.
+        broker_session_timeout=10.0, broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=10.0,
+    )
+    topic = app.topic(*projection.topics, key_type=bytes, value_type=bytes)
+    pool = AsyncConnectionPool(libpq_url(settings.role_database_url("projector")),
+                               min_size=1, max_size=2, open=False)
+    processor = Processor(projection, DeadLetters(group, bootstrap, pool),
+                          RetryPolicy(attempts=settings.worker_retry_attempts),
+                          parked_cap=settings.parked_aggregates_cap)
+    progress = Progress(group, settings.stall_after_s)
+    state: dict[str, Any] = {"started": False, "stalled": []}
+
+    async def open_stores() -> None:
+        await pool.open(wait=True, timeout=30)
+        await projection.store.start()
+        state["started"] = True
+
+    @app.agent(topic, name=group, concurrency=1)
+    async def project(stream: faust.StreamT) -> None:
+        if not state["started"]:
+            await open_stores()
+        async for events in stream.noack_take(settings.worker_batch_size,
+                                              within=settings.worker_batch_wait_s):
+            records = [record_of(e) for e in events]
+            await processor.process(records)
+            progress.advanced(records)
+            for event in events:  # only now may Faust commit these offsets
+                await stream.ack(event)
+
+    @app.timer(interval=5.0)
+    async def watch() -> None:
+        assigned = app.consumer.assignment()
+        highwaters = {(tp.topic, tp.partition): app.consumer.highwater(tp) or 0
+                      for tp in assigned}
+        state["stalled"] = progress.report(highwaters)
+        for line in state["stalled"]:
+            log.error("%s: partition stalled: %s", group, line)
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok", "component": group})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        ready = state["started"] and bool(app.consumer.assignment()) and not state["stalled"]
+        return web.json({"status": "ready" if ready else "not_ready", "component": group,
+                         "stalled_partitions": state["stalled"]},
+                        status=200 if ready else 503)
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        # aiohttp wants the charset apart from the content type.
+        return web.text(generate_latest().decode(), content_type="text/plain")
+
+    @app.on_before_shutdown.connect
+    def _stopping(app: faust.App, **kwargs: Any) -> None:
+        processor.stop.set()  # an unfinished batch stays unacknowledged: redelivered later
+
+    return app
+
+
+def run_projector(group: str, settings: Settings, port: int) -> None:
+    datadir = settings.data_path / "faust" / group
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = build_app(group, settings, port, datadir)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
+                          redirect_stdouts=False, override_logging=False)
+    worker.execute_from_commandline()

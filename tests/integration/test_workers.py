@@ -1,0 +1,173 @@
+"""End to end: commands over HTTP -> outbox -> relay -> Kafka -> every Faust
+worker -> PostgreSQL, Redis, OpenSearch and the derived topics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from uuid import uuid4
+
+import httpx
+import orjson
+import psycopg
+import pytest
+
+import contract
+from infra.clients import opensearch_client, redis_client
+from infra.embedded import start_kafka
+from infra.provision import provision
+from infra.settings import Settings, libpq_url
+from projectors.cache_store import dashboard
+from projectors.search_store import ALIAS
+from tests.conftest import TEST_JWT_SECRET, component, free_port
+from tests.helpers import Tenant
+from tests.integration.test_streams import read_raw
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A database and a broker of its own: the session's topics hold other tests'
+    synthetic events, which the workers would have to chew through first."""
+    name = f"e2e_{uuid4().hex[:8]}"
+    admin = libpq_url(settings.database_url or "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    broker = start_kafka(tmp_path_factory.mktemp("kafka"), free_port(), timeout=30)
+    try:
+        ready = settings.model_copy(update={
+            "database_url": (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}",
+            "kafka_bootstrap": broker.url})
+        provision(ready)
+        yield ready
+    finally:
+        broker.stop()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def system(isolated: Settings) -> Iterator[dict[str, str]]:
+    settings = isolated
+    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as commands, \
+            component("relay", settings, "RINGIFLOW_RELAY_PORT") as relay, \
+            component("workers", settings, "RINGIFLOW_WORKERS_PORT") as workers:
+        deadline = time.monotonic() + 60
+        while httpx.get(workers + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(workers + "/readyz").text
+            time.sleep(0.5)
+        yield {"commands": commands, "relay": relay, "workers": workers}
+
+
+@pytest.fixture
+async def tenant(system: dict[str, str], isolated: Settings) -> AsyncIterator[Tenant]:
+    settings = isolated
+    async with httpx.AsyncClient(base_url=system["commands"], timeout=30) as client:
+        yield await Tenant(client, TEST_JWT_SECRET, settings.database_url or "").setup()
+
+
+async def eventually(probe, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await probe()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "the read model did not catch up"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_workflow_reaches_every_read_model(tenant: Tenant, isolated: Settings,
+                                                   system: dict[str, str]) -> None:
+    settings = isolated
+    workflow_id, (step1, step2) = await tenant.submitted_workflow()
+    await tenant.ok(tenant.approver1, f"/workflows/{workflow_id}/steps/{step1}/approve")
+    final = await tenant.ok(tenant.approver2, f"/workflows/{workflow_id}/steps/{step2}/approve")
+    version = final["version"]
+
+    async def postgres() -> tuple | None:
+        async with await psycopg.AsyncConnection.connect(
+                libpq_url(settings.database_url or "")) as conn:
+            cur = await conn.execute(
+                "SELECT status, last_event_version, initiated_by_name FROM "
+                "read_model.workflow_read_models WHERE id = %s", (workflow_id,))
+            row = await cur.fetchone()
+            return row if row and row[1] == version else None
+
+    assert await eventually(postgres) == ("approved", version, "申請 太郎")
+
+    redis = redis_client(settings.redis_url or "")
+    try:
+        async def cached() -> dict | None:
+            body = await redis.get(f"workflow:{tenant.tenant_id}:{workflow_id}")
+            snapshot = orjson.loads(body) if body else None
+            return snapshot if snapshot and snapshot["version"] == version else None
+
+        assert (await eventually(cached))["status"] == "approved"
+        stats = await dashboard(redis, tenant.tenant_id, contract.utcnow())
+        assert stats["completed_today"] == 1 and stats["pending"] == 0
+    finally:
+        await redis.aclose()
+
+    search = opensearch_client(settings.opensearch_url or "")
+    try:
+        async def indexed() -> dict | None:
+            if not await search.indices.exists_alias(name=ALIAS):
+                return None
+            await search.indices.refresh(index=ALIAS)
+            found = await search.search(index=ALIAS, body={"query": {"bool": {
+                "filter": [{"term": {"tenant_id": str(tenant.tenant_id)}}],
+                "must": [{"match": {"title": "ノートPC"}}]}}, "version": True})
+            hits = found["hits"]["hits"]
+            return hits[0] if hits and hits[0]["_version"] == version else None
+
+        assert (await eventually(indexed))["_source"]["status"] == "approved"
+    finally:
+        await search.close()
+
+    async def derived(topic: str, key: str) -> list:
+        records = await read_raw(settings.kafka_bootstrap or "", topic)
+        return [orjson.loads(r.value) for r in records if r.key == key.encode()]
+
+    audit = await eventually(lambda: derived(contract.AUDIT_EVENTS.name, str(tenant.tenant_id)))
+    assert {a["aggregate_id"] for a in audit} >= {str(workflow_id)}
+    asked = await eventually(lambda: derived(contract.NOTIFICATION_COMMANDS.name,
+                                             str(tenant.approver1.user_id)))
+    assert asked[0]["type"] == "ApprovalRequested" and asked[0]["workflow_id"] == str(workflow_id)
+
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(system["workers"] + "/metrics")).text
+    assert 'ringiflow_events_processed_total{group="workflow-projector"}' in metrics
+    assert "ringiflow_consumer_lag" in metrics
+
+
+
+
+async def test_undecodable_bytes_on_a_topic_do_not_stop_the_workers(
+    tenant: Tenant, isolated: Settings,
+) -> None:
+    settings = isolated
+    from infra.kafka import producer
+
+    garbage = producer(settings.kafka_bootstrap or "")
+    garbage.produce(contract.WORKFLOW_EVENTS.name, b"\xff\xfe garbage", b"poison-key")
+    assert garbage.flush(10) == 0
+    created = await tenant.create_workflow("毒の後")
+    workflow_id = created["aggregate_id"]
+
+    async def projected() -> bool:
+        async with await psycopg.AsyncConnection.connect(
+                libpq_url(settings.database_url or "")) as conn:
+            cur = await conn.execute("SELECT 1 FROM read_model.workflow_read_models "
+                                     "WHERE id = %s", (workflow_id,))
+            return await cur.fetchone() is not None
+
+    assert await eventually(projected)
+
+    async def dead_lettered() -> list:
+        records = await read_raw(settings.kafka_bootstrap or "", "workflow-projector.dlq")
+        return [r for r in records if r.key == b"poison-key"]
+
+    poison = (await eventually(dead_lettered))[0]
+    assert dict(poison.headers)["dlq.error.class"] == b"UndecodableRecord"
