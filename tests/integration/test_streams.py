@@ -214,3 +214,26 @@ async def test_a_store_outage_is_waited_out_and_nothing_is_lost(
     finally:
         await store.close()
         server.stop()
+
+
+async def test_notifications_are_suppressed_during_a_replay_unless_asked_for(
+    settings: Settings,
+) -> None:
+    from projectors.derived import DerivedTopicStore, notification_records
+
+    world = build_world(workflows=4)
+    assigned = [e for e in world.events if e.event_type == "WorkflowStepAssigned"]
+    bootstrap = settings.kafka_bootstrap or ""
+    quiet = DerivedTopicStore(bootstrap, notification_records, side_effect=True)
+    loud = DerivedTopicStore(bootstrap, notification_records, side_effect=True, on_replay=True)
+    before = await read_raw(bootstrap, contract.NOTIFICATION_COMMANDS.name)
+    await quiet.apply([Delivery(e, replay=True) for e in assigned])
+    await quiet.close()
+    after_quiet = await read_raw(bootstrap, contract.NOTIFICATION_COMMANDS.name)
+    assert len(after_quiet) == len(before)
+    await loud.apply([Delivery(e, replay=True) for e in assigned])
+    await loud.close()
+    after_loud = await read_raw(bootstrap, contract.NOTIFICATION_COMMANDS.name)
+    new = after_loud[len(before):]
+    assert len(new) == len(assigned)
+    assert all(dict(r.headers)["ringiflow-replay"] == b"true" for r in new)
