@@ -8,7 +8,7 @@ No `from __future__ import annotations` here: FastAPI must see the body types
 of the routes generated in loops as real objects, not strings."""
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from uuid import UUID, uuid4
@@ -21,36 +21,15 @@ from commands import domain, schemas, store
 from commands.service import BuildCommand, CommandContext, Outcome, execute
 from contract import new_trace_id, parse_traceparent
 from infra import problems
-from infra.auth import ApiKey, Authenticator, AuthError, Principal
+from infra.auth import Authenticator, Principal, authenticator
 from infra.clients import readiness_checks
 from infra.problems import Problem
+from infra.security import principal_dependency
 from infra.service import health_router
 from infra.settings import Settings, libpq_url
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 DIRECTORY_ROLES = {"admin", "service"}
-
-
-def authenticator(settings: Settings) -> Authenticator:
-    return Authenticator(
-        hs256_secret=settings.dev_jwt_secret, jwks_url=settings.jwt_jwks_url,
-        audience=settings.jwt_audience, issuer=settings.jwt_issuer,
-        api_keys=tuple(ApiKey.model_validate(k) for k in settings.api_keys),
-    )
-
-
-def principal_dependency(auth: Authenticator) -> Callable[..., Awaitable[Principal]]:
-    async def authenticate(
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> Principal:
-        try:
-            return auth.authenticate(authorization, x_api_key)
-        except AuthError as exc:
-            raise Problem(401, "unauthenticated", "Authentication required", str(exc),
-                          headers={"WWW-Authenticate": 'Bearer realm="ringiflow"'}) from None
-
-    return authenticate
 
 
 def command_context(request: Request, principal: Principal, body: schemas.CommandBody,

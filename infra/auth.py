@@ -15,6 +15,8 @@ from uuid import UUID, uuid5
 import jwt
 from pydantic import BaseModel, ConfigDict
 
+from infra.settings import Settings
+
 ISSUER = "ringiflow"
 AUDIENCE = "ringiflow"
 TOKEN_CACHE_SIZE = 10_000
@@ -136,3 +138,11 @@ class Authenticator:
                     name=candidate.service, roles=candidate.roles, kind="service",
                 )
         raise AuthError("unknown API key")
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    return Authenticator(
+        hs256_secret=settings.dev_jwt_secret, jwks_url=settings.jwt_jwks_url,
+        audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+        api_keys=tuple(ApiKey.model_validate(k) for k in settings.api_keys),
+    )

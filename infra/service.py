@@ -10,7 +10,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from infra.clients import Check, run_checks
 
 
-def health_router(component: str, checks: dict[str, Check]) -> APIRouter:
+def health_router(component: str, checks: dict[str, Check],
+                  optional: frozenset[str] = frozenset()) -> APIRouter:
+    """`optional` dependencies are reported but do not fail readiness: the service
+    degrades without them (e.g. the query API without Redis)."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", summary="Liveness: the process is up")
@@ -20,10 +23,11 @@ def health_router(component: str, checks: dict[str, Check]) -> APIRouter:
     @router.get("/readyz", summary="Readiness: every dependency is reachable")
     async def readyz() -> JSONResponse:
         results = await run_checks(checks)
-        ready = all(v == "ok" for v in results.values())
+        ready = all(v == "ok" for k, v in results.items() if k not in optional)
+        degraded = any(v != "ok" for k, v in results.items() if k in optional)
+        status = "not_ready" if not ready else "degraded" if degraded else "ready"
         return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "component": component,
-             "dependencies": results},
+            {"status": status, "component": component, "dependencies": results},
             status_code=200 if ready else 503,
         )
 

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     stall_after_s: float = Field(default=60.0, gt=0)  # lag > 0 and no progress this long
     replay_notifications: bool = False  # send notifications for replayed events too
 
+    ws_heartbeat_s: float = Field(default=15.0, gt=0)
+
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set
     jwt_audience: str | None = "ringiflow"

@@ -1,13 +1,302 @@
-"""The query API: read models over HTTP and WebSocket."""
+"""The query API (SPEC §5): GET /api/v1/queries/... over the read models, and a
+WebSocket of live updates. Every read is tenant-scoped by the credential.
 
-from __future__ import annotations
+No `from __future__ import annotations`: FastAPI reads these signatures."""
 
-from fastapi import FastAPI
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from infra.clients import readiness_checks
-from infra.service import service_app
-from infra.settings import Settings
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Response, WebSocket
+from opensearchpy.exceptions import NotFoundError, OpenSearchException
+from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocketDisconnect
+
+from contract import utcnow
+from infra import problems
+from infra.auth import AuthError, Principal, authenticator
+from infra.clients import opensearch_client, readiness_checks, redis_client
+from infra.problems import Problem
+from infra.security import principal_dependency
+from infra.service import health_router
+from infra.settings import Settings, libpq_url
+from projectors.cache_store import dashboard, user_ids, with_current_names
+from projectors.search_store import ALIAS
+from query_api.cache import DetailCache
+from query_api.consistency import DEFAULT_WAIT_MS, Consistency, parse_token, wait_until
+from query_api.reads import Reads
+
+log = logging.getLogger("ringiflow.query")
+
+Status = Literal["draft", "in_progress", "approved", "rejected", "changes_requested",
+                 "cancelled"]
+Priority = Literal["low", "medium", "high", "urgent"]
+MAX_PAGE = 100
+
+
+def json_response(body: Any, consistency: Consistency | None = None,
+                  headers: dict[str, str] | None = None) -> Response:
+    merged = {**(consistency.headers() if consistency else {}), **(headers or {})}
+    return Response(orjson.dumps(body), media_type="application/json", headers=merged)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    return service_app("query-api", readiness_checks(settings, "query", "redis", "opensearch"))
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(libpq_url(settings.role_database_url("query")), min_size=2,
+                                   max_size=20, open=False, kwargs={"prepare_threshold": 1})
+        await pool.open(wait=False)
+        redis = redis_client(settings.require("redis_url"))
+        search = opensearch_client(settings.require("opensearch_url"))
+        state.update(reads=Reads(pool), cache=DetailCache(redis), redis=redis, search=search)
+        try:
+            yield
+        finally:
+            await pool.close()
+            await redis.aclose()
+            await search.close()
+
+    app = FastAPI(
+        title="RingiFlow query API", version="1", lifespan=lifespan,
+        description="Read models over HTTP and WebSocket. Send a command's consistency token "
+        "(X-Consistency-Token or ?after=) to read your own write; the response says whether "
+        "the read model reached it (X-Consistency: reached | timeout). Errors are RFC 9457.")
+    problems.install(app)
+    checks = readiness_checks(settings, "query", "redis", "opensearch")
+    app.include_router(health_router("query-api", checks, optional=frozenset({"redis",
+                                                                             "opensearch"})))
+    auth = authenticator(settings)
+    Auth = Annotated[Principal, Depends(principal_dependency(auth))]
+    TokenHeader = Annotated[str | None, Header(alias="X-Consistency-Token",
+                                               description="From a command response.")]
+    After = Annotated[str | None, Query(description="Consistency token (alternative to the "
+                                        "X-Consistency-Token header).")]
+    WaitMs = Annotated[int, Query(ge=0, le=10_000, description="How long to wait for the "
+                                  "token, in milliseconds.")]
+    router = APIRouter(prefix="/api/v1/queries", tags=["queries"],
+                       responses={401: {"description": "Missing or invalid credentials"},
+                                  422: {"description": "Invalid parameters (problem+json)"}})
+
+    def reads() -> Reads:
+        return state["reads"]
+
+    @router.get("/workflows", summary="List workflows (filters, sort, keyset pagination)",
+                responses={200: {"content": {"application/json": {"example": {
+                    "items": [{"id": "0f8e…", "title": "ノートPC購入", "status": "in_progress",
+                               "priority": "high", "current_assignee_name": "承認 一郎"}],
+                    "next_cursor": "WyJjcmVhdGVkIiwiZGVzYyIsIjIwMjYtMTEtMjNUMTI6MDA6MDBaIiwi"}}}}})
+    async def list_workflows(
+        principal: Auth,
+        status: Annotated[list[Status] | None, Query()] = None,
+        priority: Annotated[list[Priority] | None, Query()] = None,
+        initiator: UUID | None = None, assignee: UUID | None = None,
+        due_before: datetime | None = None, due_after: datetime | None = None,
+        sort: Literal["created", "updated", "due", "priority"] = "created",
+        direction: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+        cursor: str | None = None,
+        token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
+    ) -> Response:
+        consistency = await wait_until(
+            parse_token(token, after),
+            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
+        page = await reads().workflows(
+            principal.tenant_id, sort=sort, direction=direction, limit=limit, cursor=cursor,
+            filters={"status": status, "priority": priority, "initiator": initiator,
+                     "assignee": assignee, "due_before": due_before, "due_after": due_after})
+        return json_response(page, consistency)
+
+    @router.get("/workflows/{workflow_id}", summary="A workflow (cache first; as_of: time "
+                "travel from the event store)",
+                responses={404: {"description": "No such workflow in your tenant (then)"}})
+    async def get_workflow(
+        workflow_id: UUID, principal: Auth,
+        as_of: Annotated[datetime | None, Query(description="Its state at this instant.")]
+        = None,
+        token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
+    ) -> Response:
+        tenant = principal.tenant_id
+        if as_of is not None:
+            if as_of.tzinfo is None:
+                raise Problem(422, "validation_error", "as_of needs a time zone",
+                              "send as_of with a time zone, e.g. 2026-11-01T09:00:00Z")
+            snapshot = await reads().snapshot(tenant, workflow_id, as_of)
+            if snapshot is None:
+                raise not_found(workflow_id, f"at {as_of.isoformat()}")
+            return json_response({"workflow": snapshot, "as_of": as_of.isoformat(),
+                                  "source": "event_store"})
+        cache: DetailCache = state["cache"]
+        consistency = await wait_until(
+            parse_token(token, after),
+            lambda t: cache.applied_version(tenant, t.aggregate_id), wait_ms)
+        snapshot, source = await cache.get(tenant, workflow_id), "cache"
+        wanted = consistency.token.version if consistency.token else 0
+        if snapshot is None or snapshot["version"] < wanted:
+            # The event store always has the write: a miss, or a cache that has not
+            # caught up with the token, is answered from it.
+            snapshot, source = await cache.load(
+                tenant, workflow_id, lambda: event_store_detail(tenant, workflow_id)), \
+                "event_store"
+            if snapshot is not None and consistency.status == "timeout" and \
+                    snapshot["version"] >= wanted:
+                consistency = Consistency("reached", consistency.waited_ms, consistency.token)
+        if snapshot is None:
+            raise not_found(workflow_id)
+        return json_response({"workflow": snapshot, "source": source}, consistency)
+
+    async def event_store_detail(tenant: UUID, workflow_id: UUID) -> dict[str, Any] | None:
+        snapshot = await reads().snapshot(tenant, workflow_id)
+        if snapshot is None:
+            return None
+        names = await reads().current_names(tenant, user_ids(snapshot))
+        return with_current_names(snapshot, names.get)
+
+    @router.get("/workflows/{workflow_id}/history", summary="Who did what, when (event store)")
+    async def history(workflow_id: UUID, principal: Auth) -> Response:
+        events = await reads().history(principal.tenant_id, workflow_id)
+        if not events:
+            raise not_found(workflow_id)
+        return json_response({"workflow_id": workflow_id, "events": events})
+
+    @router.get("/my-tasks", summary="Steps waiting for the caller's decision")
+    async def my_tasks(
+        principal: Auth, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+        token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
+    ) -> Response:
+        consistency = await wait_until(
+            parse_token(token, after),
+            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
+        tasks = await reads().my_tasks(principal.tenant_id, principal.user_id, limit)
+        return json_response({"items": tasks}, consistency)
+
+    @router.get("/dashboard/stats", summary="Pending, completed today, overdue (Redis; "
+                "PostgreSQL when Redis is down)")
+    async def stats(principal: Auth) -> Response:
+        now = utcnow()
+        try:
+            figures, source = await dashboard(state["redis"], principal.tenant_id, now), "cache"
+        except RedisError as exc:
+            log.warning("dashboard from PostgreSQL: Redis unavailable (%s)", exc)
+            figures, source = await reads().stats(principal.tenant_id, now), "postgres"
+        return json_response({**figures, "as_of": now.isoformat(), "source": source})
+
+    @router.get("/search", summary="Full-text search (Japanese and English)",
+                responses={503: {"description": "Search is unavailable; retry later"}})
+    async def search(
+        principal: Auth, q: Annotated[str, Query(min_length=1, max_length=200)],
+        status: Annotated[list[Status] | None, Query()] = None,
+        priority: Annotated[list[Priority] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+        offset: Annotated[int, Query(ge=0, le=1000)] = 0,
+        token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
+    ) -> Response:
+        client = state["search"]
+        filters: list[dict[str, Any]] = [{"term": {"tenant_id": str(principal.tenant_id)}}]
+        if status:
+            filters.append({"terms": {"status": status}})
+        if priority:
+            filters.append({"terms": {"priority": priority}})
+
+        async def indexed_version(t: Any) -> int:
+            try:
+                doc = await client.get(index=ALIAS, id=str(t.aggregate_id))
+            except NotFoundError:
+                return 0
+            except OpenSearchException:
+                return 0
+            same_tenant = doc["_source"]["tenant_id"] == str(principal.tenant_id)
+            return int(doc["_version"]) if same_tenant else 0
+
+        try:
+            consistency = await wait_until(parse_token(token, after), indexed_version, wait_ms)
+            if consistency.token is not None:
+                await client.indices.refresh(index=ALIAS)
+            found = await client.search(index=ALIAS, body={
+                "query": {"bool": {"filter": filters, "must": [{"multi_match": {
+                    "query": q, "fields": ["title^3", "title.en^2", "description",
+                                           "description.en", "comments", "comments.en"]}}]}},
+                "highlight": {"fields": {"title": {}, "description": {}, "comments": {}}},
+                "from": offset, "size": limit, "_source": {"excludes": ["comments"]}})
+        except NotFoundError:
+            return json_response({"total": 0, "items": []})
+        except OpenSearchException as exc:
+            raise Problem(503, "search_unavailable", "Search is unavailable",
+                          f"the search index cannot be reached ({type(exc).__name__}); every "
+                          "other query still works; retry later",
+                          headers={"Retry-After": "5"}) from None
+        hits = found["hits"]
+        items = [{**h["_source"], "score": h["_score"], "highlight": h.get("highlight", {})}
+                 for h in hits["hits"]]
+        return json_response({"total": hits["total"]["value"], "items": items,
+                              "next_offset": offset + limit
+                              if offset + limit < hits["total"]["value"] else None},
+                             consistency)
+
+    @router.websocket("/ws")
+    async def live(websocket: WebSocket, token: str | None = None) -> None:
+        """Live updates for the caller: their user:{id} and tenant:{id} channels.
+        Authenticate with the Authorization header or ?token=."""
+        await websocket.accept()
+        try:
+            header = websocket.headers.get("authorization")
+            principal = auth.authenticate(header or (f"Bearer {token}" if token else None),
+                                          websocket.headers.get("x-api-key"))
+        except AuthError as exc:
+            await websocket.close(code=4401, reason=str(exc)[:120])
+            return
+        pubsub = state["redis"].pubsub()
+        channels = [f"user:{principal.user_id}", f"tenant:{principal.tenant_id}"]
+        try:
+            await pubsub.subscribe(*channels)
+        except RedisError:
+            await websocket.close(code=1013, reason="live updates unavailable; retry later")
+            return
+        await websocket.send_json({"type": "Subscribed", "payload": {"channels": channels}})
+
+        async def forward() -> None:
+            last_beat = asyncio.get_running_loop().time()
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message and message["type"] == "message":
+                    await websocket.send_text(message["data"].decode())
+                now = asyncio.get_running_loop().time()
+                if now - last_beat >= settings.ws_heartbeat_s:
+                    await websocket.send_json({"type": "Heartbeat",
+                                               "payload": {"at": utcnow().isoformat()}})
+                    last_beat = now
+
+        async def drain_client() -> None:
+            while True:
+                await websocket.receive_text()  # clients may ping; nothing else is expected
+
+        tasks = [asyncio.create_task(forward()), asyncio.create_task(drain_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await pubsub.unsubscribe(*channels)
+                await pubsub.aclose()
+
+    app.include_router(router)
+    return app
+
+
+def not_found(workflow_id: UUID, when: str = "") -> Problem:
+    suffix = f" {when}" if when else ""
+    return Problem(404, "not_found", "Not found",
+                   f"workflow {workflow_id} does not exist in your tenant{suffix}")
+
+

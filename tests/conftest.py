@@ -12,13 +12,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
+import psycopg
 import pytest
 
 from infra import db
-from infra.provision import embedded_system
-from infra.settings import Settings
+from infra.embedded import start_kafka
+from infra.provision import embedded_system, provision
+from infra.settings import Settings, libpq_url
 
 TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
 
@@ -125,3 +128,38 @@ def fresh_db(settings: Settings) -> Iterator[Settings]:
     yield settings.model_copy(update={"database_url": url})
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A database and a broker of its own: the session's topics hold other tests'
+    synthetic events, which the workers would have to chew through first."""
+    name = f"e2e_{uuid4().hex[:8]}"
+    admin = libpq_url(settings.database_url or "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    broker = start_kafka(tmp_path_factory.mktemp("kafka"), free_port(), timeout=30)
+    try:
+        ready = settings.model_copy(update={
+            "database_url": (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}",
+            "kafka_bootstrap": broker.url})
+        provision(ready)
+        yield ready
+    finally:
+        broker.stop()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def system(isolated: Settings) -> Iterator[dict[str, str]]:
+    settings = isolated
+    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as commands, \
+            component("relay", settings, "RINGIFLOW_RELAY_PORT") as relay, \
+            component("workers", settings, "RINGIFLOW_WORKERS_PORT") as workers, \
+            component("query-api", settings, "RINGIFLOW_QUERY_API_PORT") as queries:
+        deadline = time.monotonic() + 60
+        while httpx.get(workers + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(workers + "/readyz").text
+            time.sleep(0.5)
+        yield {"commands": commands, "relay": relay, "workers": workers, "queries": queries}

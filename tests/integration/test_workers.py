@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from uuid import uuid4
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
@@ -15,50 +14,14 @@ import pytest
 
 import contract
 from infra.clients import opensearch_client, redis_client
-from infra.embedded import start_kafka
-from infra.provision import provision
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import dashboard
 from projectors.search_store import ALIAS
-from tests.conftest import TEST_JWT_SECRET, component, free_port
+from tests.conftest import TEST_JWT_SECRET
 from tests.helpers import Tenant
 from tests.integration.test_streams import read_raw
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A database and a broker of its own: the session's topics hold other tests'
-    synthetic events, which the workers would have to chew through first."""
-    name = f"e2e_{uuid4().hex[:8]}"
-    admin = libpq_url(settings.database_url or "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    broker = start_kafka(tmp_path_factory.mktemp("kafka"), free_port(), timeout=30)
-    try:
-        ready = settings.model_copy(update={
-            "database_url": (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}",
-            "kafka_bootstrap": broker.url})
-        provision(ready)
-        yield ready
-    finally:
-        broker.stop()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="module")
-def system(isolated: Settings) -> Iterator[dict[str, str]]:
-    settings = isolated
-    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as commands, \
-            component("relay", settings, "RINGIFLOW_RELAY_PORT") as relay, \
-            component("workers", settings, "RINGIFLOW_WORKERS_PORT") as workers:
-        deadline = time.monotonic() + 60
-        while httpx.get(workers + "/readyz", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, httpx.get(workers + "/readyz").text
-            time.sleep(0.5)
-        yield {"commands": commands, "relay": relay, "workers": workers}
 
 
 @pytest.fixture

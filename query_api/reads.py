@@ -1,0 +1,180 @@
+"""The reads behind the query API, one function per read model, tenant-scoped
+(row-level security on PostgreSQL, tenant in every Redis key and OpenSearch
+filter)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from contract import ConsistencyToken
+from infra.problems import Problem
+
+SORTS = {
+    "created": sql.SQL("created_at"),
+    "updated": sql.SQL("updated_at"),
+    "due": sql.SQL("coalesce(due_date, '9999-12-31T00:00:00Z'::timestamptz)"),
+    "priority": sql.SQL("(CASE priority WHEN 'urgent' THEN 4 WHEN 'high' THEN 3 "
+                        "WHEN 'medium' THEN 2 ELSE 1 END)"),
+}
+LIST_COLUMNS = sql.SQL(
+    "id, definition_id, definition_name, title, status, priority, current_step_id, "
+    "current_step_name, current_assignee_id, current_assignee_name, initiated_by_id, "
+    "initiated_by_name, due_date, completed_at, created_at, updated_at, last_event_version")
+
+
+class Reads:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def _fetch(self, tenant: UUID, query: sql.Composable | str,
+                     params: dict[str, Any] | tuple[Any, ...]) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn, conn.transaction():
+            await set_tenant(conn, tenant)
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query, params)
+            return await cur.fetchall()
+
+    # --- workflow list (keyset pagination) --------------------------------------------
+
+    async def workflows(self, tenant: UUID, *, sort: str, direction: str, limit: int,
+                        cursor: str | None, filters: dict[str, Any]) -> dict[str, Any]:
+        key = SORTS[sort]
+        where = [sql.SQL("true")]
+        params: dict[str, Any] = {"limit": limit + 1}
+        for name, column in (("status", "status"), ("priority", "priority")):
+            if filters.get(name):
+                where.append(sql.SQL("{} = ANY(%({})s)").format(sql.Identifier(column),
+                                                                 sql.SQL(name)))
+                params[name] = filters[name]
+        for name, column in (("initiator", "initiated_by_id"),
+                             ("assignee", "current_assignee_id")):
+            if filters.get(name):
+                where.append(sql.SQL("{} = %({})s").format(sql.Identifier(column),
+                                                            sql.SQL(name)))
+                params[name] = filters[name]
+        if filters.get("due_before"):
+            where.append(sql.SQL("due_date < %(due_before)s"))
+            params["due_before"] = filters["due_before"]
+        if filters.get("due_after"):
+            where.append(sql.SQL("due_date > %(due_after)s"))
+            params["due_after"] = filters["due_after"]
+        if cursor:
+            value, last_id = decode_cursor(cursor, sort, direction)
+            op = sql.SQL(">") if direction == "asc" else sql.SQL("<")
+            where.append(sql.SQL("({key}, id) {op} (%(after_value)s, %(after_id)s)").format(
+                key=key, op=op))
+            params |= {"after_value": value, "after_id": last_id}
+        order = sql.SQL("ASC") if direction == "asc" else sql.SQL("DESC")
+        query = sql.SQL(
+            "SELECT {cols}, {key} AS sort_value FROM read_model.workflow_read_models "
+            "WHERE {where} ORDER BY {key} {order}, id {order} LIMIT %(limit)s").format(
+            cols=LIST_COLUMNS, key=key, where=sql.SQL(" AND ").join(where), order=order)
+        rows = await self._fetch(tenant, query, params)
+        page, more = rows[:limit], len(rows) > limit
+        next_cursor = encode_cursor(sort, direction, page[-1]["sort_value"], page[-1]["id"]) \
+            if more else None
+        for row in page:
+            row.pop("sort_value")
+        return {"items": page, "next_cursor": next_cursor}
+
+    async def applied_workflow_version(self, tenant: UUID, token: ConsistencyToken) -> int:
+        table = {"workflow": "workflow_read_models", "user": "users",
+                 "definition": "definitions"}[token.aggregate_type.value]
+        column = "last_event_version" if table == "workflow_read_models" else "version"
+        rows = await self._fetch(tenant, sql.SQL("SELECT {} AS v FROM read_model.{} WHERE id = %s")
+                                 .format(sql.Identifier(column), sql.Identifier(table)),
+                                 (token.aggregate_id,))
+        return int(rows[0]["v"]) if rows else 0
+
+    # --- event store reads ---------------------------------------------------------
+
+    async def snapshot(self, tenant: UUID, workflow_id: UUID,
+                       as_of: datetime | None = None) -> dict[str, Any] | None:
+        query = ("SELECT aggregate FROM event_store.events WHERE aggregate_id = %s "
+                 "AND aggregate_type = 'workflow'")
+        params: tuple[Any, ...] = (workflow_id,)
+        if as_of is not None:
+            query += " AND occurred_at <= %s"
+            params += (as_of,)
+        rows = await self._fetch(tenant, query + " ORDER BY version DESC LIMIT 1", params)
+        return rows[0]["aggregate"] if rows else None
+
+    async def current_names(self, tenant: UUID, ids: set[str]) -> dict[str, str]:
+        if not ids:
+            return {}
+        rows = await self._fetch(tenant, "SELECT id::text AS id, display_name FROM "
+                                 "read_model.users WHERE id = ANY(%s::uuid[])", (list(ids),))
+        return {r["id"]: r["display_name"] for r in rows}
+
+    async def history(self, tenant: UUID, workflow_id: UUID) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            tenant,
+            "SELECT event_id, version, event_type, occurred_at, recorded_at, metadata, payload "
+            "FROM event_store.events WHERE aggregate_id = %s AND aggregate_type = 'workflow' "
+            "ORDER BY version", (workflow_id,))
+        return [{
+            "event_id": r["event_id"], "version": r["version"], "event_type": r["event_type"],
+            "occurred_at": r["occurred_at"], "recorded_at": r["recorded_at"],
+            "actor_id": r["metadata"].get("user_id"), "actor_name": r["payload"].get("actor_name"),
+            "correlation_id": r["metadata"].get("correlation_id"),
+            "causation_id": r["metadata"].get("causation_id"),
+            "trace_id": r["metadata"].get("trace_id"),
+            "details": {k: v for k, v in r["payload"].items()
+                        if k not in ("actor_id", "actor_name", "workflow_id", "initiator_id")},
+        } for r in rows]
+
+    # --- tasks and stats -------------------------------------------------------------
+
+    async def my_tasks(self, tenant: UUID, user_id: UUID, limit: int) -> list[dict[str, Any]]:
+        return await self._fetch(
+            tenant,
+            "SELECT workflow_id, step_id, workflow_title, step_name, priority, due_date, "
+            "assigned_at FROM read_model.my_tasks WHERE assignee_id = %s "
+            "ORDER BY coalesce(due_date, 'infinity'::timestamptz), assigned_at, step_id "
+            "LIMIT %s", (user_id, limit))
+
+    async def stats(self, tenant: UUID, now: datetime) -> dict[str, int]:
+        rows = await self._fetch(
+            tenant,
+            "SELECT count(*) FILTER (WHERE status = 'in_progress') AS pending, "
+            "count(*) FILTER (WHERE status IN ('approved', 'rejected') "
+            "  AND completed_at >= %(day)s AND completed_at < %(day)s + interval '1 day') "
+            "  AS completed_today, "
+            "count(*) FILTER (WHERE status = 'in_progress' AND due_date < %(now)s) AS overdue "
+            "FROM read_model.workflow_read_models",
+            {"day": now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+             "now": now})
+        return {k: int(v) for k, v in rows[0].items()}
+
+
+async def set_tenant(conn: AsyncConnection, tenant: UUID) -> None:
+    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
+
+
+def encode_cursor(sort: str, direction: str, value: Any, last_id: UUID) -> str:
+    raw = orjson.dumps([sort, direction, value.isoformat() if isinstance(value, datetime)
+                        else value, str(last_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str, direction: str) -> tuple[Any, UUID]:
+    try:
+        sort_of, direction_of, value, last_id = orjson.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if (sort_of, direction_of) != (sort, direction):
+            raise ValueError("sort changed")
+        if sort != "priority":
+            value = datetime.fromisoformat(value)
+        return value, UUID(last_id)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise Problem(422, "invalid_cursor", "Invalid cursor",
+                      "cursor is not one this list returned for the same sort and direction; "
+                      "start again without a cursor") from None
