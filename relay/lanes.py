@@ -29,7 +29,10 @@ class Lanes:
 
     async def members(self, conn: AsyncConnection) -> int:
         cur = await conn.execute(
+            # Advisory locks live per database; relays of other databases on the same
+            # server are not members of this one.
             "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND "
+            "database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND "
             "classid = %s::bigint::oid AND objid = %s::bigint::oid AND objsubid = 2 AND granted",
             (NAMESPACE, MEMBERSHIP))
         row = await cur.fetchone()

@@ -239,3 +239,17 @@ def test_cleanup_deletes_only_old_published_rows(fresh_db: Settings) -> None:
                             env=settings_env(fresh_db), capture_output=True, text=True)
     assert result.returncode == 0 and "deleted 3" in result.stdout
     assert [r[1] for r in outbox_rows(url)] == [2, 2, 2]
+
+
+def test_relays_of_another_database_on_the_server_do_not_take_a_share(
+    fresh_db: Settings, settings: Settings,
+) -> None:
+    import httpx
+
+    from relay.lanes import LANES, MEMBERSHIP, NAMESPACE
+
+    with psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock_shared(%s, %s)", (NAMESPACE, MEMBERSHIP))
+        with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT") as base:
+            wait_until(lambda: f"ringiflow_relay_lanes_owned {LANES}.0" in
+                       httpx.get(base + "/metrics").text, timeout_s=20)
