@@ -254,6 +254,45 @@ def outbox_reconcile(
                    "aggregates")
 
 
+@app.command()
+def lag(
+    data_dir: DataDir = None, json_out: JsonOut = False,
+    max_lag: Annotated[int | None, typer.Option(help="Alert above this many records "
+                                                "behind, in any partition.")] = None,
+    max_outbox_age: Annotated[float | None, typer.Option(help="Alert when the oldest "
+                                                         "unpublished event is older (s).")]
+    = None,
+    max_parked: Annotated[int | None, typer.Option(help="Alert above this many parked "
+                                                   "aggregates in a group.")] = None,
+) -> None:
+    """Lag per consumer group and partition, parked aggregates, outbox backlog.
+    Exits 1 when a threshold is crossed (or outbox rows failed)."""
+    from ringiflow.lag import report
+
+    result = report(_settings(data_dir).with_runtime())
+    breaches = result.breaches(max_lag, max_outbox_age, max_parked)
+    if json_out:
+        _echo_json({**result.as_dict(), "breaches": breaches})
+    else:
+        typer.echo(f"{'group':<24} {'topic':<30} {'part':>4} {'committed':>10} {'end':>10} "
+                   f"{'lag':>8}")
+        for p in result.partitions:
+            typer.echo(f"{p.group:<24} {p.topic:<30} {p.partition:>4} "
+                       f"{'-' if p.committed is None else p.committed:>10} {p.end:>10} "
+                       f"{p.lag:>8}")
+        totals: dict[str, int] = {}
+        for p in result.partitions:
+            totals[p.group] = totals.get(p.group, 0) + p.lag
+        for group, total in totals.items():
+            typer.echo(f"{group}: lag {total}, parked aggregates {result.parked.get(group, 0)}")
+        age = f"{result.oldest_pending_s:.1f} s" if result.oldest_pending_s else "-"
+        typer.echo(f"outbox: {result.outbox_pending} pending (oldest {age}), "
+                   f"{result.outbox_failed} failed")
+        for breach in breaches:
+            typer.secho(f"ALERT {breach}", fg="red", err=True)
+    raise typer.Exit(1 if breaches else 0)
+
+
 def main() -> None:
     try:
         app()
