@@ -21,6 +21,12 @@ topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics of the catalog
 app.add_typer(topics_app, name="topics")
 outbox_app = typer.Typer(no_args_is_help=True, help="The transactional outbox and its relay.")
 app.add_typer(outbox_app, name="outbox")
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters and parked aggregates.")
+app.add_typer(dlq_app, name="dlq")
+
+Group = Annotated[str | None, typer.Option("--group", help="Consumer group, e.g. "
+                                           "workflow-projector.")]
+BULK_CONFIRM_ABOVE = 10
 
 DataDir = Annotated[
     Path | None,
@@ -252,6 +258,159 @@ def outbox_reconcile(
                    f"{r.missing} missing; {action} "
                    f"{r.requeued if not dry_run else 'the tails of'} {len(r.aggregates)} "
                    "aggregates")
+
+
+def _filters(group: str | None, error_class: str | None, aggregate: UUID | None,
+             event_type: str | None, since: str | None, until: str | None) -> object:
+    from datetime import datetime
+
+    from ringiflow.dlq import Filters
+
+    def when(value: str | None, name: str) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"--{name} {value!r} is not an ISO 8601 time, e.g. "
+                              "2026-11-23T09:00:00+00:00") from None
+        if parsed.tzinfo is None:
+            raise ConfigError(f"--{name} needs a time zone, e.g. 2026-11-23T09:00:00Z")
+        return parsed
+
+    return Filters(group, error_class, aggregate, event_type, when(since, "since"),
+                   when(until, "until"))
+
+
+ErrorClass = Annotated[str | None, typer.Option(help="e.g. NonRetryable, UndecodableRecord.")]
+AggregateOpt = Annotated[UUID | None, typer.Option("--aggregate", help="One aggregate.")]
+Since = Annotated[str | None, typer.Option(help="ISO 8601, with a time zone.")]
+
+
+@dlq_app.command("list")
+def dlq_list(group: Group = None, error_class: ErrorClass = None,
+             aggregate: AggregateOpt = None, since: Since = None, until: Since = None,
+             data_dir: DataDir = None, json_out: JsonOut = False) -> None:
+    """Parked aggregates: which event they wait behind and why."""
+    from ringiflow.dlq import parked
+
+    rows = parked(_settings(data_dir).with_runtime(),
+                  _filters(group, error_class, aggregate, None, since, until))  # type: ignore[arg-type]
+    if json_out:
+        _echo_json(rows)
+        return
+    if not rows:
+        typer.echo("no parked aggregates")
+    for r in rows:
+        typer.echo(f"{r['consumer_group']:<24} {r['aggregate_type']} {r['aggregate_id']} "
+                   f"v{r['first_version']}..v{r['last_version']} ({r['parked_events']} events) "
+                   f"{r['error_class']}: {r['error_message'][:120]}  since {r['parked_at']}")
+
+
+@dlq_app.command("show")
+def dlq_show(aggregate: Annotated[UUID, typer.Argument(help="The parked aggregate.")],
+             group: Group = None, data_dir: DataDir = None, json_out: JsonOut = False) -> None:
+    """An aggregate's dead letters, in order, with their error context."""
+    from ringiflow.dlq import records
+
+    rows = records(_settings(data_dir).with_runtime(),
+                   _filters(group, None, aggregate, None, None, None))  # type: ignore[arg-type]
+    if json_out:
+        _echo_json(rows)
+    else:
+        for r in rows:
+            typer.echo(f"[{r['group']}] {r['reason']} {r['event_type']} v{r['version']} "
+                       f"(event {r['event_id']}) from {r['original']['topic']}"
+                       f"[{r['original']['partition']}]@{r['original']['offset']}")
+            typer.echo(f"    {r['error_class']}: {r['error_message']}")
+            typer.echo(f"    attempts {r['attempts']}, first {r['first_failure']}, last "
+                       f"{r['last_failure']}")
+            if r["parked_behind"]:
+                typer.echo(f"    parked behind {r['parked_behind']}")
+    if not rows:
+        typer.echo(f"no dead letters for {aggregate}", err=True)
+        raise typer.Exit(1)
+
+
+@dlq_app.command("export")
+def dlq_export(group: Group = None, error_class: ErrorClass = None,
+               aggregate: AggregateOpt = None,
+               event_type: Annotated[str | None, typer.Option(help="Event type.")] = None,
+               since: Since = None, until: Since = None, data_dir: DataDir = None) -> None:
+    """Every matching DLQ record as one JSON object per line (stdout)."""
+    from ringiflow.dlq import records
+
+    rows = records(_settings(data_dir).with_runtime(),
+                   _filters(group, error_class, aggregate, event_type, since, until))  # type: ignore[arg-type]
+    for r in rows:
+        typer.echo(json.dumps(r, default=str, ensure_ascii=False))
+    typer.echo(f"exported {len(rows)} records", err=True)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    aggregate: Annotated[UUID | None, typer.Argument(help="One parked aggregate.")] = None,
+    group: Group = None,
+    all_parked: Annotated[bool, typer.Option("--all", help="Every matching parked "
+                                             "aggregate.")] = False,
+    error_class: ErrorClass = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help=f"Confirm a bulk retry of more than "
+                                      f"{BULK_CONFIRM_ABOVE}.")] = False,
+    data_dir: DataDir = None, json_out: JsonOut = False,
+) -> None:
+    """Re-drive parked aggregates in order through their projection; release each
+    whose dead letters now apply."""
+    from ringiflow.dlq import parked, retry
+
+    settings = _settings(data_dir).with_runtime()
+    if (aggregate is None) == (not all_parked):
+        raise ConfigError("name one AGGREGATE, or pass --all (with --group/--error-class to "
+                          "narrow it)")
+    targets = parked(settings, _filters(group, error_class, aggregate, None, None, None))  # type: ignore[arg-type]
+    if not targets:
+        typer.echo("nothing parked matches", err=True)
+        raise typer.Exit(1)
+    if dry_run:
+        for t in targets:
+            typer.echo(f"would re-drive {t['consumer_group']} {t['aggregate_id']}: "
+                       f"{t['parked_events']} events from v{t['first_version']}")
+        typer.echo(f"{len(targets)} aggregates, "
+                   f"{sum(t['parked_events'] for t in targets)} events (dry run)")
+        return
+    if len(targets) > BULK_CONFIRM_ABOVE and not yes:
+        raise ConfigError(f"{len(targets)} aggregates would be re-driven; run with --dry-run "
+                          "to review them, then again with --yes")
+    results = []
+    for t in targets:
+        outcome = retry(settings, t["consumer_group"], t["aggregate_id"])
+        results.append(outcome)
+        if not json_out:
+            state = "released" if outcome["released"] else f"still parked: {outcome['error']}"
+            typer.echo(f"{t['consumer_group']} {t['aggregate_id']}: applied "
+                       f"{outcome['applied']}, {state}")
+    if json_out:
+        _echo_json(results)
+    raise typer.Exit(0 if all(r["released"] for r in results) else 1)
+
+
+@dlq_app.command("discard")
+def dlq_discard(
+    aggregate: Annotated[UUID, typer.Argument(help="The parked aggregate.")],
+    group: Annotated[str, typer.Option("--group", help="Consumer group.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Release an aggregate without applying its dead letters."""
+    from ringiflow.dlq import discard
+
+    if len(reason.strip()) < 5:
+        raise ConfigError("--reason must say why (at least a few words): it is kept in the "
+                          "audit trail")
+    if not discard(_settings(data_dir).with_runtime(), group, aggregate, reason.strip()):
+        typer.echo(f"{aggregate} is not parked in {group}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"released {aggregate} in {group}; its dead letters stay in {group}.dlq")
 
 
 @app.command()

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -58,3 +58,87 @@ def test_lag_exits_non_zero_when_a_threshold_is_crossed(settings: Settings) -> N
     assert result.returncode == 1, result.stdout + result.stderr
     assert "ALERT" in result.stderr and "lag" in result.stderr
     assert "workflow-projector" in result.stdout
+
+
+async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
+    """A real dead letter in workflow-projector: one event its store refused."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from infra.settings import libpq_url
+    from projectors.projection import Projection
+    from projectors.workflow_store import WorkflowStore
+    from streams.deadletters import DeadLetters
+    from streams.processor import Processor, RetryPolicy
+    from tests.integration.test_streams import Flaky, records_of
+    from tests.scenarios import build_world
+
+    world = build_world(workflows=6)
+    victim = [e for e in world.events if e.aggregate_type.value == "workflow"][-1].aggregate_id
+    stream = [e for e in world.events if e.aggregate_id == victim]
+    flaky = Flaky(WorkflowStore(libpq_url(fresh_db.role_database_url("projector"))))
+    flaky.refuse.add(stream[1].event_id)
+    await flaky.start()
+    async with AsyncConnectionPool(libpq_url(fresh_db.role_database_url("projector")),
+                                   min_size=1, max_size=2) as pool:
+        processor = Processor(Projection("workflow-projector", (), None, flaky),
+                              DeadLetters("workflow-projector", fresh_db.kafka_bootstrap or "",
+                                          pool), RetryPolicy(attempts=1))
+        await processor.process(records_of(world.events))
+    await flaky.close()
+    return victim, stream
+
+
+async def test_dlq_list_show_retry_and_the_audit_trail(fresh_db: Settings) -> None:
+    victim, stream = await park_one(fresh_db)
+    listed = json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)
+    assert [(r["aggregate_id"], r["parked_events"]) for r in listed] == \
+        [(str(victim), len(stream) - 1)]
+    shown = ringiflow(fresh_db, "dlq", "show", str(victim), "--group", "workflow-projector",
+                      "--json")
+    versions = [int(r["version"]) for r in json.loads(shown.stdout)]
+    assert versions == [e.version for e in stream[1:]]
+    exported = ringiflow(fresh_db, "dlq", "export", "--aggregate", str(victim))
+    assert len(exported.stdout.splitlines()) == len(stream) - 1
+
+    dry = ringiflow(fresh_db, "dlq", "retry", "--all", "--dry-run")
+    assert dry.returncode == 0 and "would re-drive" in dry.stdout
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)  # still parked
+
+    retried = ringiflow(fresh_db, "dlq", "retry", str(victim), "--json")
+    assert retried.returncode == 0, retried.stderr
+    assert json.loads(retried.stdout)[0]["released"] is True
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout) == []
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    with psycopg.connect(libpq_url(fresh_db.database_url or "")) as conn:
+        version = conn.execute("SELECT last_event_version FROM read_model.workflow_read_models "
+                               "WHERE id = %s", (victim,)).fetchone()
+        trail = conn.execute("SELECT action, outcome FROM streams.operator_actions").fetchall()
+    assert version == (stream[-1].version,)
+    assert trail == [("dlq.retry", "released")]
+
+
+async def test_dlq_discard_needs_a_reason_and_is_recorded(fresh_db: Settings) -> None:
+    victim, _ = await park_one(fresh_db)
+    missing = ringiflow(fresh_db, "dlq", "discard", str(victim), "--group", "workflow-projector")
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+    done = ringiflow(fresh_db, "dlq", "discard", str(victim), "--group", "workflow-projector",
+                     "--reason", "bad import of 2026-11-23; re-entered by hand")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout) == []
+    again = ringiflow(fresh_db, "dlq", "discard", str(victim), "--group", "workflow-projector",
+                      "--reason", "second time")
+    assert again.returncode == 1
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    with psycopg.connect(libpq_url(fresh_db.database_url or "")) as conn:
+        trail = conn.execute("SELECT action, outcome, reason FROM streams.operator_actions "
+                             "ORDER BY id").fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("DELETE FROM streams.operator_actions")
+    assert trail[0] == ("dlq.discard", "released", "bad import of 2026-11-23; re-entered by hand")
+    assert trail[1][:2] == ("dlq.discard", "not_parked")

@@ -108,7 +108,7 @@ def test_query_role_cannot_write_and_projector_cannot_touch_events(settings: Set
 def test_migrations_are_idempotent(settings: Settings) -> None:
     url = settings.database_url or ""
     db.migrate(url)
-    assert db.current_revision(url) == db.head_revision() == "0003"
+    assert db.current_revision(url) == db.head_revision() == "0004"
 
 
 async def test_redis_round_trip(settings: Settings) -> None:

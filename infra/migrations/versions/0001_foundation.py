@@ -42,7 +42,7 @@ CREATE INDEX events_type_occurred ON event_store.events (event_type, occurred_at
 
 CREATE FUNCTION event_store.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'event_store.events is append-only: % refused', TG_OP
+    RAISE EXCEPTION '%.% is append-only: % refused', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'Correct history by appending a compensating event.';
 END $$;

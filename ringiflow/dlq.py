@@ -1,0 +1,176 @@
+"""`ringiflow dlq`: triage the sequenced dead-letter queues (SPEC §7).
+
+Parked aggregates come from streams.parked_aggregates; the records themselves
+from each group's `<group>.dlq` topic. Every retry and discard is written to
+the append-only streams.operator_actions trail."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+import psycopg
+from aiokafka import TopicPartition
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from contract import CONSUMER_GROUPS, dlq_topic
+from infra.kafka import record_consumer, stop_consumer
+from infra.settings import Settings, libpq_url
+
+
+@dataclass(frozen=True)
+class Filters:
+    group: str | None = None
+    error_class: str | None = None
+    aggregate: UUID | None = None
+    event_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def parked(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
+    query = ("SELECT consumer_group, aggregate_id, tenant_id, aggregate_type, first_event_id, "
+             "first_version, last_version, parked_events, error_class, error_message, "
+             "parked_at, updated_at FROM streams.parked_aggregates WHERE true")
+    params: list[Any] = []
+    for column, value in (("consumer_group", filters.group),
+                          ("error_class", filters.error_class),
+                          ("aggregate_id", filters.aggregate)):
+        if value is not None:
+            query += f" AND {column} = %s"
+            params.append(value)
+    if filters.since:
+        query += " AND parked_at >= %s"
+        params.append(filters.since)
+    if filters.until:
+        query += " AND parked_at < %s"
+        params.append(filters.until)
+    with psycopg.connect(libpq_url(settings.require("database_url")),
+                         row_factory=dict_row) as conn:
+        return conn.execute(query + " ORDER BY parked_at", params).fetchall()
+
+
+async def _records(bootstrap: str, group: str) -> list[Any]:
+    topic = dlq_topic(group).name
+    consumer = record_consumer(bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        while True:  # until an empty poll past the reported ends
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                out.extend(messages)
+            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                return out
+    finally:
+        await stop_consumer(consumer)
+
+
+def records(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
+    """DLQ records as dicts: context headers, original coordinates, the event."""
+    groups = [filters.group] if filters.group else list(CONSUMER_GROUPS)
+    out = []
+    for group in groups:
+        for message in asyncio.run(_records(settings.require("kafka_bootstrap"), group)):
+            headers = {k: v.decode(errors="replace") for k, v in message.headers}
+            try:
+                event: Any = orjson.loads(message.value) if message.value else None
+            except orjson.JSONDecodeError:
+                event = None
+            row = {
+                "group": group, "dlq_partition": message.partition, "dlq_offset": message.offset,
+                "reason": headers.get("dlq.reason"), "error_class": headers.get("dlq.error.class"),
+                "error_message": headers.get("dlq.error.message"),
+                "stack": headers.get("dlq.error.stack"), "attempts": headers.get("dlq.attempts"),
+                "first_failure": headers.get("dlq.first_failure"),
+                "last_failure": headers.get("dlq.last_failure"),
+                "parked_behind": headers.get("dlq.parked_behind"),
+                "original": {"topic": headers.get("dlq.original.topic"),
+                             "partition": headers.get("dlq.original.partition"),
+                             "offset": headers.get("dlq.original.offset")},
+                "aggregate_id": headers.get("aggregate_id"),
+                "event_type": headers.get("event_type"), "version": headers.get("version"),
+                "event_id": headers.get("event_id"),
+                "event": event if isinstance(event, dict) else None,
+                "raw": None if isinstance(event, dict) else (message.value or b"").decode(
+                    errors="replace"),
+            }
+            if _matches(row, filters):
+                out.append(row)
+    return out
+
+
+def _matches(row: dict[str, Any], f: Filters) -> bool:
+    if f.error_class and row["error_class"] != f.error_class:
+        return False
+    if f.aggregate and row["aggregate_id"] != str(f.aggregate):
+        return False
+    if f.event_type and row["event_type"] != f.event_type:
+        return False
+    when = row["last_failure"]
+    if when and (f.since or f.until):
+        at = datetime.fromisoformat(when)
+        if (f.since and at < f.since) or (f.until and at >= f.until):
+            return False
+    return True
+
+
+def record_action(settings: Settings, action: str, group: str | None, aggregate: UUID | None,
+                  outcome: str, reason: str | None = None,
+                  details: dict[str, Any] | None = None) -> None:
+    with psycopg.connect(libpq_url(settings.require("database_url")), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO streams.operator_actions (operator, action, consumer_group, "
+            "aggregate_id, reason, outcome, details) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (getpass.getuser(), action, group, aggregate, reason, outcome,
+             Jsonb(orjson.loads(orjson.dumps(details or {}, default=str)))))
+
+
+def retry(settings: Settings, group: str, aggregate: UUID) -> dict[str, Any]:
+    """Re-drive one parked aggregate through its projection's store, in order."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from projectors.catalogue import CATALOGUE
+    from streams.deadletters import DeadLetters, redrive
+
+    async def run() -> dict[str, Any]:
+        projection = CATALOGUE[group](settings)
+        await projection.store.start()
+        async with AsyncConnectionPool(libpq_url(settings.require("database_url")),
+                                       min_size=1, max_size=2) as pool:
+            try:
+                result = await redrive(DeadLetters(group, settings.require("kafka_bootstrap"),
+                                                   pool), projection.store, aggregate,
+                                       settings.require("kafka_bootstrap"))
+            finally:
+                await projection.store.close()
+        return {"aggregate_id": str(aggregate), "applied": result.applied,
+                "released": result.released, "error": result.error}
+
+    outcome = asyncio.run(run())
+    record_action(settings, "dlq.retry", group, aggregate,
+                  "released" if outcome["released"] else "still_parked", details=outcome)
+    return outcome
+
+
+def discard(settings: Settings, group: str, aggregate: UUID, reason: str) -> bool:
+    """Release an aggregate without applying its dead letters (they stay in the
+    DLQ topic for the record)."""
+    with psycopg.connect(libpq_url(settings.require("database_url")), autocommit=True) as conn:
+        gone = conn.execute("DELETE FROM streams.parked_aggregates WHERE consumer_group = %s "
+                            "AND aggregate_id = %s", (group, aggregate)).rowcount
+    record_action(settings, "dlq.discard", group, aggregate,
+                  "released" if gone else "not_parked", reason=reason)
+    return bool(gone)
