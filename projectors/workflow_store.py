@@ -182,6 +182,21 @@ class WorkflowStore:
                 raise NonRetryable(f"{type(exc).__name__}: {exc}") from exc
             raise Retryable(f"{type(exc).__name__}: {exc}") from exc
 
+    async def reset(self, by_tenant: dict[UUID, list[UUID]]) -> None:
+        """Forget these aggregates so a replay rewrites them from scratch (a row
+        with a wrong, higher version would otherwise shadow the replay)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            for tenant, ids in by_tenant.items():
+                await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)",
+                                   (str(tenant),))
+                for table, column in (("workflow_steps", "workflow_id"),
+                                      ("my_tasks", "workflow_id"),
+                                      ("workflow_history", "workflow_id"),
+                                      ("workflow_read_models", "id"), ("users", "id"),
+                                      ("definitions", "id")):
+                    await conn.execute(f"DELETE FROM read_model.{table} WHERE {column} = ANY(%s)",
+                                       (ids,))
+
     async def _apply_tenant(self, conn: AsyncConnection, tenant: UUID,
                             deliveries: list[Delivery]) -> None:
         kinds: dict[str, list[Delivery]] = defaultdict(list)

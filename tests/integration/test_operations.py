@@ -142,3 +142,43 @@ async def test_dlq_discard_needs_a_reason_and_is_recorded(fresh_db: Settings) ->
             conn.execute("DELETE FROM streams.operator_actions")
     assert trail[0] == ("dlq.discard", "released", "bad import of 2026-11-23; re-entered by hand")
     assert trail[1][:2] == ("dlq.discard", "not_parked")
+
+
+def test_replay_from_the_events_table_then_verify_and_repair(fresh_db: Settings) -> None:
+    import psycopg
+
+    from infra.settings import libpq_url
+    from tests.events import append
+    from tests.scenarios import build_world
+
+    world = build_world(workflows=8)
+    for event in world.events:
+        append(fresh_db.database_url or "", [event])
+    tenant = str(world.tenant_id)
+    dry = json.loads(ringiflow(fresh_db, "replay", "workflow-projector", "--tenant", tenant,
+                               "--dry-run", "--json").stdout)
+    assert dry["events"] == len(world.events)
+    done = ringiflow(fresh_db, "replay", "workflow-projector", "--tenant", tenant)
+    assert done.returncode == 0, done.stderr
+    assert "ETA" in done.stderr  # progress for long runs
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+    workflows = [s for s in world.states.values() if hasattr(s, "current_step_id")]
+    broken, lost = workflows[0].id, workflows[1].id
+    with psycopg.connect(libpq_url(fresh_db.database_url or ""), autocommit=True) as conn:
+        conn.execute("UPDATE read_model.workflow_read_models SET status = 'approved', "
+                     "last_event_version = 999 WHERE id = %s", (broken,))
+        conn.execute("DELETE FROM read_model.workflow_read_models WHERE id = %s", (lost,))
+    found = ringiflow(fresh_db, "verify", "workflow-projector", "--json")
+    assert found.returncode == 1
+    diffs = json.loads(found.stdout)["differences"]
+    assert {d["aggregate_id"] for d in diffs} == {str(broken), str(lost)}
+    assert {"field": "status", "expected": workflows[0].status.value, "actual": "approved",
+            "aggregate_id": str(broken)} in diffs
+    repaired = ringiflow(fresh_db, "verify", "workflow-projector", "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout
+    assert sorted(json.loads(repaired.stdout)["repaired"]) == sorted([str(broken), str(lost)])
+
+    single = json.loads(ringiflow(fresh_db, "replay", "workflow-projector", "--aggregate",
+                                  str(broken), "--json").stdout)
+    assert single["aggregates"] == 1 and single["events"] == workflows[0].version
