@@ -26,6 +26,8 @@ from relay.publisher import Outcome, Publisher, Row
 
 log = logging.getLogger("ringiflow.relay")
 
+TOPIC_CHECK_INTERVAL_S = 5.0
+
 PUBLISHED = Counter("ringiflow_relay_published_total", "Outbox rows acknowledged by Kafka")
 FAILURES = Counter("ringiflow_relay_failures_total", "Rows not acknowledged", ["kind"])
 BACKLOG = Gauge("ringiflow_relay_backlog", "Pending outbox rows")
@@ -44,6 +46,7 @@ class Relay:
     lanes: Lanes = field(default_factory=Lanes)
     running: bool = False
     publisher: Publisher = field(init=False)
+    topics_checked_at: float = 0.0
 
     @property
     def url(self) -> str:
@@ -135,7 +138,11 @@ class Relay:
             log.error("Kafka producer failed fatally (%s); replacing it", result.fatal)
             self.publisher.discard_queued()
             self.publisher = self._publisher()
-        if result.missing_topic:
+        # A broker that restarted empty has no topics; depending on timing the
+        # producer reports that as a missing topic or only as time-outs, so any
+        # unacknowledged row checks the topics (at most every few seconds).
+        if (result.missing_topic or result.errors) and \
+                time.monotonic() - self.topics_checked_at > TOPIC_CHECK_INTERVAL_S:
             await self._ensure_topics()
         recorded = await outbox.record(conn, rows, result, s.relay_max_attempts,
                                        s.relay_backoff_s, s.relay_max_backoff_s)
@@ -190,5 +197,6 @@ class Relay:
                 await self._sleep(5.0)
 
     async def _ensure_topics(self) -> None:
+        self.topics_checked_at = time.monotonic()
         with contextlib.suppress(kafka.KafkaUnavailable):
             await asyncio.to_thread(kafka.ensure_topics, self.settings.require("kafka_bootstrap"))

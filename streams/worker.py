@@ -11,6 +11,8 @@ and a flag for a partition that has lag but stopped advancing."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
         broker=[f"kafka://{host}" for host in bootstrap.split(",")],
         value_serializer="raw", key_serializer="raw", store="memory://",
         datadir=str(datadir), topic_disable_leader=True, topic_allow_declare=False,
+        # An unfinished batch is never acknowledged, so shutdown must not wait for it
+        # (it is redelivered after the restart).
         consumer_auto_offset_reset="earliest", stream_wait_empty=False,
         broker_max_poll_records=settings.worker_batch_size,
         stream_buffer_maxsize=settings.worker_batch_size * 4,
@@ -108,13 +112,27 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
     async def project(stream: faust.StreamT) -> None:
         if not state["started"]:
             await open_stores()
-        async for events in stream.noack_take(settings.worker_batch_size,
-                                              within=settings.worker_batch_wait_s):
+        # noack() on the stream itself: nothing is acknowledged implicitly, not on an
+        # exception, not at shutdown, not by Faust's passive drainer.
+        quiet = stream.noack()
+        async for events in quiet.noack_take(settings.worker_batch_size,
+                                             within=settings.worker_batch_wait_s):
             records = [record_of(e) for e in events]
-            await processor.process(records)
+            try:
+                await processor.process(records)
+            except Exception as exc:
+                # Never let the agent raise: Faust would restart it and acknowledge past
+                # the unfinished batch (faust#606). Stop instead; the batch stays
+                # unacknowledged and is redelivered to the restarted worker.
+                if not processor.stop.is_set():
+                    log.critical("%s: batch failed unexpectedly (%s: %s); stopping the worker "
+                                 "so it restarts and the batch is redelivered", group,
+                                 type(exc).__name__, exc, exc_info=exc)
+                    app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
+                return
             progress.advanced(records)
             for event in events:  # only now may Faust commit these offsets
-                await stream.ack(event)
+                await quiet.ack(event)
 
     @app.timer(interval=5.0)
     async def watch() -> None:

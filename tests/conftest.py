@@ -130,10 +130,11 @@ def fresh_db(settings: Settings) -> Iterator[Settings]:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A database and a broker of its own: the session's topics hold other tests'
-    synthetic events, which the workers would have to chew through first."""
+    synthetic events, which the workers would have to chew through first. Per
+    module, so no system keeps running (and loading the CPU) behind other tests."""
     name = f"e2e_{uuid4().hex[:8]}"
     admin = libpq_url(settings.database_url or "")
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -151,7 +152,7 @@ def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def system(isolated: Settings) -> Iterator[dict[str, str]]:
     settings = isolated
     with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as commands, \
