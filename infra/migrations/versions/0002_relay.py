@@ -1,5 +1,4 @@
-"""Relay: lanes for single-owner ordered delivery, a wake-up notification, and
-the table published rows move to.
+"""Relay: ordered single-owner lanes, a wake-up notification, published rows table.
 
 Revision ID: 0002
 """
