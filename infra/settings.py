@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     replay_notifications: bool = False  # send notifications for replayed events too
 
     ws_heartbeat_s: float = Field(default=15.0, gt=0)
+    search_alias: str = "ringiflow-workflows"  # queries and the indexer use the alias only
 
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set

@@ -35,7 +35,8 @@ CATALOGUE: dict[str, ProjectionFactory] = {
         "cache-projector", (WORKFLOW_EVENTS.name, USER_EVENTS.name), WORKFLOW_AND_USERS,
         CacheStore(s.require("redis_url"))),
     "search-indexer": lambda s: Projection(
-        "search-indexer", (WORKFLOW_EVENTS.name,), None, SearchStore(s.require("opensearch_url"))),
+        "search-indexer", (WORKFLOW_EVENTS.name,), None,
+        SearchStore(s.require("opensearch_url"), s.search_alias)),
     "audit-processor": lambda s: Projection(
         "audit-processor", ALL_EVENTS, None,
         DerivedTopicStore(s.require("kafka_bootstrap"), audit_records, side_effect=False)),

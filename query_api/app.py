@@ -28,7 +28,6 @@ from infra.security import principal_dependency
 from infra.service import health_router
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import dashboard, user_ids, with_current_names
-from projectors.search_store import ALIAS
 from query_api.cache import DetailCache
 from query_api.consistency import DEFAULT_WAIT_MS, Consistency, parse_token, wait_until
 from query_api.reads import Reads
@@ -208,7 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def indexed_version(t: Any) -> int:
             try:
-                doc = await client.get(index=ALIAS, id=str(t.aggregate_id))
+                doc = await client.get(index=settings.search_alias, id=str(t.aggregate_id))
             except NotFoundError:
                 return 0
             except OpenSearchException:
@@ -219,8 +218,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             consistency = await wait_until(parse_token(token, after), indexed_version, wait_ms)
             if consistency.token is not None:
-                await client.indices.refresh(index=ALIAS)
-            found = await client.search(index=ALIAS, body={
+                await client.indices.refresh(index=settings.search_alias)
+            found = await client.search(index=settings.search_alias, body={
                 "query": {"bool": {"filter": filters, "must": [{"multi_match": {
                     "query": q, "fields": ["title^3", "title.en^2", "description",
                                            "description.en", "comments", "comments.en"]}}]}},

@@ -464,6 +464,38 @@ def replay(
 
 
 @app.command()
+def rebuild(
+    projector: Projector,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen.")] = False,
+    drop_old: Annotated[bool, typer.Option("--drop-old", help="Delete the previous "
+                                           "versions after the cut-over.")] = False,
+    data_dir: DataDir = None, json_out: JsonOut = False,
+) -> None:
+    """Blue/green rebuild from the events table with an atomic cut-over (search so far)."""
+    from ringiflow.dlq import record_action
+    from ringiflow.rebuild import rebuild as run_rebuild
+
+    settings = _settings(data_dir).with_runtime()
+    try:
+        result = run_rebuild(settings, projector, dry_run, drop_old,
+                             (lambda _m: None) if json_out
+                             else (lambda m: typer.echo(f"· {m}", err=True)))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not dry_run:
+        record_action(settings, "rebuild", projector, None, "done", details=result)
+    if json_out:
+        _echo_json(result)
+    elif dry_run:
+        typer.echo(f"would build {result['target']} from {result['events']} events "
+                   f"({'resuming' if result['resume'] else 'new'}) and move {result['alias']} "
+                   f"from {result['live'] or 'nothing'}")
+    else:
+        typer.echo(f"{result['alias']} now points at {result['target']}; previous: "
+                   f"{result['swapped_from'] or 'none'}; kept: {result['kept'] or 'none'}")
+
+
+@app.command()
 def verify(
     projector: Projector, tenant: TenantOpt = None,
     repair: Annotated[bool, typer.Option("--repair", help="Replay exactly the aggregates "

@@ -182,3 +182,64 @@ def test_replay_from_the_events_table_then_verify_and_repair(fresh_db: Settings)
     single = json.loads(ringiflow(fresh_db, "replay", "workflow-projector", "--aggregate",
                                   str(broken), "--json").stdout)
     assert single["aggregates"] == 1 and single["events"] == workflows[0].version
+
+
+async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
+    fresh_db: Settings,
+) -> None:
+    from infra.clients import opensearch_client
+    from infra.settings import libpq_url  # noqa: F401 - the CLI reads the same settings
+    from tests.conftest import component
+    from tests.events import append
+    from tests.helpers import Person
+    from tests.scenarios import build_world
+
+    alias = f"t-{uuid4().hex[:10]}"
+    env = {"RINGIFLOW_SEARCH_ALIAS": alias}
+    world = build_world(workflows=30)
+    for event in world.events:
+        append(fresh_db.database_url or "", [event])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ringiflow", *args],
+                              env=settings_env(fresh_db) | env, capture_output=True, text=True,
+                              timeout=300)
+
+    assert cli("replay", "search-indexer", "--tenant", str(world.tenant_id)).returncode == 0
+    plan = json.loads(cli("rebuild", "search-indexer", "--dry-run", "--json").stdout)
+    assert (plan["live"], plan["target"]) == ([f"{alias}-v1"], f"{alias}-v2")
+
+    reader = Person(world.tenant_id, "検索者")
+    workflows = sum(1 for e in world.events if e.event_type == "WorkflowCreated")
+    outcomes: list[tuple[int, int]] = []
+    with component("query-api", fresh_db, "RINGIFLOW_QUERY_API_PORT", **env) as base:
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                headers = {"Authorization": f"Bearer {reader.token(TEST_JWT_SECRET)}"}
+                while not stop.is_set():
+                    r = await client.get("/api/v1/queries/search",
+                                         params={"q": "大阪", "limit": 100}, headers=headers)
+                    outcomes.append((r.status_code, r.json().get("total", -1)))
+
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        rebuilt = await asyncio.to_thread(cli, "rebuild", "search-indexer", "--json")
+        await asyncio.sleep(0.5)
+        stop.set()
+        await loader
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    result = json.loads(rebuilt.stdout)
+    assert result["swapped_from"] == [f"{alias}-v1"] and result["kept"] == [f"{alias}-v1"]
+    assert len(outcomes) > 20
+    assert set(outcomes) == {(200, workflows)}, "a query failed or saw an empty index"
+
+    again = json.loads(cli("rebuild", "search-indexer", "--drop-old", "--json").stdout)
+    assert again["target"] == f"{alias}-v3"
+    assert sorted(again["dropped"]) == [f"{alias}-v1", f"{alias}-v2"]
+    search = opensearch_client(fresh_db.opensearch_url or "")
+    try:
+        assert list(await search.indices.get_alias(name=alias)) == [f"{alias}-v3"]
+    finally:
+        await search.close()
