@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -112,3 +113,41 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
+
+
+async def read_from_start(bootstrap: str, topic: str,
+                          partitions: list[int] | None = None) -> list[ConsumerRecord]:
+    """Every record a topic (or some of its partitions) holds now, in partition
+    order. Reads until an empty poll past the reported ends, because Tansu's end
+    offset can trail the last acknowledged record by one."""
+    from aiokafka import TopicPartition
+
+    consumer = record_consumer(bootstrap)
+    await consumer.start()
+    try:
+        numbers = partitions if partitions is not None else sorted(
+            consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in numbers]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[ConsumerRecord] = []
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                out.extend(messages)
+            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                return out
+    finally:
+        await stop_consumer(consumer)
+
+
+async def partitions_of(bootstrap: str, topic: str) -> set[int]:
+    consumer = record_consumer(bootstrap)
+    await consumer.start()
+    try:
+        return set(consumer.partitions_for_topic(topic) or ())
+    finally:
+        await stop_consumer(consumer)

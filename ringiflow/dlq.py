@@ -15,12 +15,11 @@ from uuid import UUID
 
 import orjson
 import psycopg
-from aiokafka import TopicPartition
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from contract import CONSUMER_GROUPS, dlq_topic
-from infra.kafka import record_consumer, stop_consumer
+from infra.kafka import read_from_start
 from infra.settings import Settings, libpq_url
 
 
@@ -56,34 +55,13 @@ def parked(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
         return conn.execute(query + " ORDER BY parked_at", params).fetchall()
 
 
-async def _records(bootstrap: str, group: str) -> list[Any]:
-    topic = dlq_topic(group).name
-    consumer = record_consumer(bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out: list[Any] = []
-        while True:  # until an empty poll past the reported ends
-            batch = await consumer.getmany(timeout_ms=500)
-            for messages in batch.values():
-                out.extend(messages)
-            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
-                return out
-    finally:
-        await stop_consumer(consumer)
-
-
 def records(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
     """DLQ records as dicts: context headers, original coordinates, the event."""
     groups = [filters.group] if filters.group else list(CONSUMER_GROUPS)
     out = []
     for group in groups:
-        for message in asyncio.run(_records(settings.require("kafka_bootstrap"), group)):
+        topic = dlq_topic(group).name
+        for message in asyncio.run(read_from_start(settings.require("kafka_bootstrap"), topic)):
             headers = {k: v.decode(errors="replace") for k, v in message.headers}
             try:
                 event: Any = orjson.loads(message.value) if message.value else None

@@ -169,11 +169,10 @@ async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
                   bootstrap: str) -> Redrive:
     """Replay an aggregate's dead letters, in order, through the store; release
     the aggregate when all of them applied and nothing was parked meanwhile."""
-    from aiokafka import TopicPartition
     from aiokafka.partitioner import DefaultPartitioner
 
     from contract import decode_envelope
-    from infra.kafka import record_consumer, stop_consumer
+    from infra.kafka import partitions_of, read_from_start
     from projectors.projection import Delivery
 
     applied = 0
@@ -188,29 +187,12 @@ async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
             return Redrive(aggregate_id, applied, released=True)
         first_version, parked_events = row
         key = str(aggregate_id).encode()
-        consumer = record_consumer(bootstrap)
-        await consumer.start()
-        try:
-            partitions = sorted(consumer.partitions_for_topic(dead_letters.topic) or ())
-            partition = DefaultPartitioner()(key, partitions, partitions)
-            tp = TopicPartition(dead_letters.topic, partition)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            envelopes = []
-            # Read until an empty poll past the reported end (Tansu's end offset can
-            # trail the last acknowledged record by one).
-            while True:
-                messages = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
-                for message in messages:
-                    if message.key == key:
-                        envelope = decode_envelope(message.value)
-                        if envelope.version >= first_version:
-                            envelopes.append(envelope)
-                if not messages and await consumer.position(tp) >= end:
-                    break
-        finally:
-            await stop_consumer(consumer)
+        numbers = sorted(await partitions_of(bootstrap, dead_letters.topic))
+        partition = DefaultPartitioner()(key, numbers, numbers)  # where the key's records are
+        envelopes = [decode_envelope(m.value)
+                     for m in await read_from_start(bootstrap, dead_letters.topic, [partition])
+                     if m.key == key]
+        envelopes = [e for e in envelopes if e.version >= first_version]
         for envelope in sorted(envelopes, key=lambda e: e.version):
             try:
                 await store.apply([Delivery(envelope)])

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 import contract
 from infra.embedded import start_redis
+from infra.kafka import read_from_start
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import CacheStore, dashboard
 from projectors.projection import Delivery, NonRetryable, Projection, Store
@@ -100,25 +101,7 @@ async def test_poison_records_go_to_the_dlq_and_the_batch_goes_on(
 
 
 async def read_raw(bootstrap: str, topic: str) -> list[ConsumerRecord]:
-    from aiokafka import TopicPartition
-
-    from infra.kafka import record_consumer, stop_consumer
-
-    consumer = record_consumer(bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out = []
-        async with asyncio.timeout(20):
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    out.extend(messages)
-        return out
-    finally:
-        await stop_consumer(consumer)
+    return await read_from_start(bootstrap, topic)
 
 
 async def test_a_dead_letter_parks_its_aggregate_across_restarts_until_released_in_order(
