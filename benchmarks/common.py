@@ -31,16 +31,21 @@ def embedded_stack(fsync: bool = True) -> Iterator[Settings]:
             yield ready
 
 
+def app_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a `ringiflow` process needs to join this stack."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
+    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
+        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
+    return env | {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_JWT_SECRET":
+                  BENCH_SECRET, "RINGIFLOW_LOG_LEVEL": "WARNING"} | extra
+
+
 @contextmanager
 def app_process(name: str, settings: Settings, port_setting: str,
                 processes: int = 1) -> Iterator[str]:
     """Run `processes` copies of one API on one port (as `ringiflow up` does)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
-    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
-        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
-    env |= {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_JWT_SECRET": BENCH_SECRET,
-            "RINGIFLOW_LOG_LEVEL": "WARNING", port_setting: str(port)}
+    env = app_env(settings, **{port_setting: str(port)})
     running = [subprocess.Popen([sys.executable, "-m", "ringiflow", "run", name], env=env)
                for _ in range(processes)]
     base = f"http://127.0.0.1:{port}"

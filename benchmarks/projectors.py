@@ -22,7 +22,7 @@ import time
 from aiokafka import TopicPartition
 
 import contract
-from benchmarks.common import embedded_stack
+from benchmarks.common import app_env, embedded_stack
 from infra.embedded import free_port
 from infra.kafka import producer, record_consumer, stop_consumer
 from infra.settings import Settings
@@ -79,10 +79,9 @@ def seen_by(metrics_url: str, group: str) -> int:
 
 
 def faust_rate(settings: Settings, group: str, total: int) -> float:
-    env = dict(os.environ)  # RINGIFLOW_WORKER_* tuning passes through
-    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
-        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
-    env |= {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_LOG_LEVEL": "WARNING"}
+    # RINGIFLOW_WORKER_* tuning from this environment passes through.
+    tuning = {k: v for k, v in os.environ.items() if k.startswith("RINGIFLOW_WORKER_")}
+    env = app_env(settings, **tuning)
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "ringiflow", "projector", group, "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,

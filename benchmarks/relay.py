@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 import contract
-from benchmarks.common import embedded_stack, percentile
+from benchmarks.common import app_env, embedded_stack, percentile
 from infra import kafka
 from infra.embedded import free_port
 from infra.settings import Settings, libpq_url
@@ -33,11 +33,7 @@ from tests.events import comment_envelope
 
 
 def relay_process(settings: Settings) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
-    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
-        env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
-    env |= {"RINGIFLOW_DATA_DIR": str(settings.data_dir), "RINGIFLOW_LOG_LEVEL": "WARNING",
-            "RINGIFLOW_RELAY_PORT": str(free_port())}
+    env = app_env(settings, RINGIFLOW_RELAY_PORT=str(free_port()))
     return subprocess.Popen([sys.executable, "-m", "ringiflow", "run", "relay"], env=env)
 
 

@@ -1,17 +1,13 @@
-"""PostgreSQL access: migrations, engines per least-privilege role, and the
-per-transaction tenant setting that row-level security keys on."""
+"""PostgreSQL schema management: migrations and their current revision."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import UUID
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from infra.settings import ROLES, Settings, libpq_url, sqlalchemy_url
+from infra.settings import ROLES, libpq_url, sqlalchemy_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -55,25 +51,3 @@ def current_revision(database_url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
-
-
-def role_engine(settings: Settings, role: str, pool_size: int = 10) -> AsyncEngine:
-    return create_async_engine(
-        sqlalchemy_url(settings.role_database_url(role)),
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-    )
-
-
-async def set_tenant(conn: AsyncConnection, tenant_id: UUID) -> None:
-    """Scope the current transaction to one tenant (RLS policies read this)."""
-    await conn.execute(
-        text("SELECT set_config('ringiflow.tenant_id', :tenant, true)"),
-        {"tenant": str(tenant_id)},
-    )
-
-
-async def ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))

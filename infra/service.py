@@ -3,7 +3,7 @@ dependencies reachable) and /metrics (Prometheus)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -36,9 +36,3 @@ def health_router(component: str, checks: dict[str, Check],
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def service_app(component: str, checks: dict[str, Check], **kwargs: object) -> FastAPI:
-    app = FastAPI(title=f"RingiFlow {component}", **kwargs)  # type: ignore[arg-type]
-    app.include_router(health_router(component, checks))
-    return app

@@ -11,7 +11,7 @@ import logging
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from uuid import UUID
 
 from confluent_kafka import KafkaException
@@ -151,10 +151,6 @@ class DeadLetters:
 
     def close(self) -> None:
         self.producer.flush(10)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
