@@ -5,7 +5,7 @@ atomically: a repeated or older event changes nothing, so counters stay exact
 under redelivery and replays. Counters follow each workflow's status from its
 snapshot (not event deltas), so a skipped intermediate event cannot skew them.
 
-Keys (tenant-scoped):
+Keys (tenant-scoped, each prefixed with the live namespace, see NAMESPACE_KEY):
   workflow:{tenant}:{id}              detail: the newest snapshot (JSON, with TTL)
   wfver:{tenant}        hash id->v     the newest version applied (no TTL: the guard)
   wfstatus:{tenant}     hash id->s     status counted for that workflow
@@ -31,35 +31,62 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 
-APPLY = """
-local id, v, status, due, day, body, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
-    ARGV[5], ARGV[6], tonumber(ARGV[7])
-local current = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+# The live namespace: a key prefix, "" for the first version. A rebuild fills a
+# new namespace and cuts over by setting this one key (ADR 0005). Every script
+# resolves it inside Redis, so a reader or the live projector can never mix
+# namespaces within one call.
+NAMESPACE_KEY = "ringiflow:cache:namespace"
+LIVE = "*"
+RESOLVE_NAMESPACE = """
+local ns = ARGV[1]
+if ns == '*' then ns = redis.call('GET', KEYS[1]) or '' end
+"""
+
+APPLY = RESOLVE_NAMESPACE + """
+local tenant, id, v, status, due, day, body, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]),
+    ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local detail, versions = ns .. 'workflow:' .. tenant .. ':' .. id, ns .. 'wfver:' .. tenant
+local statuses, stats = ns .. 'wfstatus:' .. tenant, ns .. 'stats:' .. tenant
+local overdue = ns .. 'overdue:' .. tenant
+local completed = stats .. ':completed:' .. (day ~= '' and day or 'none')
+local current = tonumber(redis.call('HGET', versions, id) or '0')
 if v <= current then return {0, 0} end
-redis.call('HSET', KEYS[2], id, v)
-redis.call('SET', KEYS[1], body, 'EX', ttl)
+redis.call('HSET', versions, id, v)
+redis.call('SET', detail, body, 'EX', ttl)
 local changed = 0
-local old = redis.call('HGET', KEYS[3], id) or ''
+local old = redis.call('HGET', statuses, id) or ''
 if old ~= status then
-    if old == 'in_progress' then redis.call('HINCRBY', KEYS[4], 'pending', -1) end
-    if status == 'in_progress' then redis.call('HINCRBY', KEYS[4], 'pending', 1) end
+    if old == 'in_progress' then redis.call('HINCRBY', stats, 'pending', -1) end
+    if status == 'in_progress' then redis.call('HINCRBY', stats, 'pending', 1) end
     if (status == 'approved' or status == 'rejected') and day ~= '' then
-        redis.call('INCR', KEYS[6])
-        redis.call('EXPIRE', KEYS[6], 8 * 86400)
+        redis.call('INCR', completed)
+        redis.call('EXPIRE', completed, 8 * 86400)
     end
-    redis.call('HSET', KEYS[3], id, status)
+    redis.call('HSET', statuses, id, status)
     changed = 1
 end
-local was_overdue = redis.call('ZSCORE', KEYS[5], id)
+local was_overdue = redis.call('ZSCORE', overdue, id)
 if status == 'in_progress' and due ~= '' then
-    redis.call('ZADD', KEYS[5], tonumber(due), id)
+    redis.call('ZADD', overdue, tonumber(due), id)
     if not was_overdue then changed = 1 end
 elseif was_overdue then
-    redis.call('ZREM', KEYS[5], id)
+    redis.call('ZREM', overdue, id)
     changed = 1
 end
 return {1, changed}
 """
+
+DASHBOARD = RESOLVE_NAMESPACE + """
+local stats = ns .. 'stats:' .. ARGV[2]
+return {redis.call('HGET', stats, 'pending') or '0',
+        redis.call('GET', stats .. ':completed:' .. ARGV[3]) or '0',
+        redis.call('ZCOUNT', ns .. 'overdue:' .. ARGV[2], '-inf', ARGV[4])}
+"""
+
+
+async def live_namespace(client: aioredis.Redis) -> str:
+    return ((await client.get(NAMESPACE_KEY)) or b"").decode()
+
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
@@ -96,11 +123,19 @@ def messages(delivery: Delivery, stats_changed: bool) -> list[tuple[str, dict[st
 
 
 class CacheStore:
-    def __init__(self, redis_url: str, detail_ttl_s: int = 3600) -> None:
+    """Writes the live namespace, or `namespace` when a rebuild fills a new one."""
+
+    def __init__(self, redis_url: str, detail_ttl_s: int = 3600,
+                 namespace: str | None = None) -> None:
         self.client = aioredis.Redis.from_url(redis_url, socket_timeout=5,
                                               socket_connect_timeout=3)
         self.ttl = detail_ttl_s
+        self.namespace = namespace
         self.sha = ""
+
+    async def _namespace(self) -> str:
+        return self.namespace if self.namespace is not None else \
+            await live_namespace(self.client)
 
     async def start(self) -> None:
         self.sha = await self.client.script_load(APPLY)
@@ -112,10 +147,12 @@ class CacheStore:
         workflows = sorted((d for d in batch if d.envelope.aggregate_type.value == "workflow"),
                            key=lambda d: (d.envelope.aggregate_id, d.envelope.version))
         try:
-            await self._apply_users([d for d in batch if d.envelope.aggregate_type.value == "user"])
+            ns = await self._namespace()
+            await self._apply_users(ns, [d for d in batch
+                                         if d.envelope.aggregate_type.value == "user"])
             if not workflows:
                 return
-            names = await self._current_names(workflows)
+            names = await self._current_names(ns, workflows)
             async with self.client.pipeline(transaction=False) as pipe:
                 for delivery in workflows:
                     self._queue_apply(pipe, delivery, names)
@@ -142,34 +179,34 @@ class CacheStore:
     def _queue_apply(self, pipe: Any, delivery: Delivery,
                      names: dict[tuple[UUID, str], str]) -> None:
         e = delivery.envelope
-        tenant, wid = e.tenant_id, str(e.aggregate_id)
+        tenant = e.tenant_id
         snapshot = with_current_names(e.aggregate, lambda uid: names.get((tenant, uid)))
-        day = _day(snapshot.get("completed_at"))
-        keys = [f"workflow:{tenant}:{wid}", f"wfver:{tenant}", f"wfstatus:{tenant}",
-                f"stats:{tenant}", f"overdue:{tenant}",
-                f"stats:{tenant}:completed:{day or 'none'}"]
-        args = [wid, e.version, snapshot.get("status") or "", _epoch(snapshot.get("due_date")),
-                day, orjson.dumps(snapshot), self.ttl]
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        args = [LIVE if self.namespace is None else self.namespace, str(tenant),
+                str(e.aggregate_id), e.version, snapshot.get("status") or "",
+                _epoch(snapshot.get("due_date")), _day(snapshot.get("completed_at")),
+                orjson.dumps(snapshot), self.ttl]
+        pipe.evalsha(self.sha, 1, NAMESPACE_KEY, *args)
 
-    async def _apply_users(self, deliveries: list[Delivery]) -> None:
+    async def _apply_users(self, ns: str, deliveries: list[Delivery]) -> None:
         """Keep current names; a rename also drops cached details that show the
         old one (the next read fills them again; renames are rare)."""
         for delivery in sorted(deliveries, key=lambda d: d.envelope.version):
             e = delivery.envelope
             tenant, uid = e.tenant_id, str(e.aggregate_id)
-            known = int(await self.client.hget(f"userver:{tenant}", uid) or 0)
+            known = int(await self.client.hget(f"{ns}userver:{tenant}", uid) or 0)
             if e.version <= known:
                 continue
-            await self.client.hset(f"usernames:{tenant}", uid, e.aggregate["display_name"])
-            await self.client.hset(f"userver:{tenant}", uid, e.version)
+            await self.client.hset(f"{ns}usernames:{tenant}", uid, e.aggregate["display_name"])
+            await self.client.hset(f"{ns}userver:{tenant}", uid, e.version)
             if e.event_type == "UserRenamed":
-                async for key in self.client.scan_iter(match=f"workflow:{tenant}:*", count=500):
+                async for key in self.client.scan_iter(match=f"{ns}workflow:{tenant}:*",
+                                                       count=500):
                     body = await self.client.get(key)
                     if body and uid.encode() in body:
                         await self.client.delete(key)
 
-    async def _current_names(self, workflows: list[Delivery]) -> dict[tuple[UUID, str], str]:
+    async def _current_names(self, ns: str,
+                             workflows: list[Delivery]) -> dict[tuple[UUID, str], str]:
         wanted = {(d.envelope.tenant_id, uid) for d in workflows
                   for uid in user_ids(d.envelope.aggregate)}
         if not wanted:
@@ -177,7 +214,7 @@ class CacheStore:
         ordered = sorted(wanted)
         async with self.client.pipeline(transaction=False) as pipe:
             for tenant, uid in ordered:
-                pipe.hget(f"usernames:{tenant}", uid)
+                pipe.hget(f"{ns}usernames:{tenant}", uid)
             found = await pipe.execute()
         return {key: name.decode() for key, name in zip(ordered, found, strict=True) if name}
 
@@ -201,9 +238,8 @@ def with_current_names(snapshot: dict[str, Any], name_of: Any) -> dict[str, Any]
 
 
 async def dashboard(client: aioredis.Redis, tenant: UUID, now: datetime) -> dict[str, int]:
-    """The dashboard counters as the query API serves them."""
-    pending = await client.hget(f"stats:{tenant}", "pending")
-    completed = await client.get(f"stats:{tenant}:completed:{now.astimezone(UTC).date()}")
-    overdue = await client.zcount(f"overdue:{tenant}", "-inf", now.timestamp())
-    return {"pending": int(pending or 0), "completed_today": int(completed or 0),
-            "overdue": int(overdue)}
+    """The dashboard counters as the query API serves them (live namespace)."""
+    pending, completed, overdue = await client.register_script(DASHBOARD)(
+        keys=[NAMESPACE_KEY],
+        args=[LIVE, str(tenant), str(now.astimezone(UTC).date()), now.timestamp()])
+    return {"pending": int(pending), "completed_today": int(completed), "overdue": int(overdue)}

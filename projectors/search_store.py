@@ -74,7 +74,9 @@ class SearchStore:
         self.alias = alias
 
     async def start(self) -> None:
-        await ensure_index(self.client, self.alias)
+        # A rebuild writes straight into the index it built (ADR 0005).
+        if not await self.client.indices.exists(index=self.alias):
+            await ensure_index(self.client, self.alias)
 
     async def close(self) -> None:
         await self.client.close()

@@ -152,9 +152,18 @@ def newest_by_aggregate(batch: Sequence[Delivery]) -> list[Delivery]:
 
 
 class WorkflowStore:
-    def __init__(self, database_url: str, pool_size: int = 4) -> None:
+    """Writes `read_model` (the views over the live version) unless given the
+    schema of a version being rebuilt (ADR 0005)."""
+
+    def __init__(self, database_url: str, pool_size: int = 4,
+                 schema: str = "read_model") -> None:
         self.pool = AsyncConnectionPool(database_url, min_size=1, max_size=pool_size,
                                         open=False, kwargs={"prepare_threshold": 1})
+        self.schema = schema
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.schema == "read_model" else \
+            statement.replace("read_model.", f"{self.schema}.")
 
     async def start(self) -> None:
         await self.pool.open(wait=True, timeout=30)
@@ -194,8 +203,8 @@ class WorkflowStore:
                                       ("workflow_history", "workflow_id"),
                                       ("workflow_read_models", "id"), ("users", "id"),
                                       ("definitions", "id")):
-                    await conn.execute(f"DELETE FROM read_model.{table} WHERE {column} = ANY(%s)",
-                                       (ids,))
+                    await conn.execute(
+                        f"DELETE FROM {self.schema}.{table} WHERE {column} = ANY(%s)", (ids,))
 
     async def _apply_tenant(self, conn: AsyncConnection, tenant: UUID,
                             deliveries: list[Delivery]) -> None:
@@ -206,28 +215,31 @@ class WorkflowStore:
             await self._users(conn, tenant, users)
         if definitions := kinds.get("definition"):
             rows = [d.envelope.aggregate for d in newest_by_aggregate(definitions)]
-            await conn.execute(UPSERT_DEFINITIONS, {"tenant": tenant, "rows": Jsonb(rows)})
+            await conn.execute(self._sql(UPSERT_DEFINITIONS),
+                               {"tenant": tenant, "rows": Jsonb(rows)})
         if workflows := kinds.get("workflow"):
             await self._workflows(conn, tenant, workflows)
 
     async def _users(self, conn: AsyncConnection, tenant: UUID,
                      deliveries: list[Delivery]) -> None:
         rows = [d.envelope.aggregate for d in newest_by_aggregate(deliveries)]
-        cur = await conn.execute(UPSERT_USERS, {"tenant": tenant, "rows": Jsonb(rows)})
+        cur = await conn.execute(self._sql(UPSERT_USERS),
+                                 {"tenant": tenant, "rows": Jsonb(rows)})
         changed = await cur.fetchall()
         if changed:
             params = {"ids": [r[0] for r in changed], "names": [r[1] for r in changed]}
             for statement in CASCADE_NAMES:
-                await conn.execute(statement, params)
+                await conn.execute(self._sql(statement), params)
 
     async def _workflows(self, conn: AsyncConnection, tenant: UUID,
                          deliveries: list[Delivery]) -> None:
         history = [history_row(d) for d in deliveries]
-        await conn.execute(INSERT_HISTORY, {"tenant": tenant, "rows": Jsonb(history)})
+        await conn.execute(self._sql(INSERT_HISTORY), {"tenant": tenant, "rows": Jsonb(history)})
         newest = newest_by_aggregate(deliveries)
         rows = [{"event_id": str(d.envelope.event_id), "snapshot": d.envelope.aggregate}
                 for d in newest]
-        cur = await conn.execute(UPSERT_WORKFLOWS, {"tenant": tenant, "rows": Jsonb(rows)})
+        cur = await conn.execute(self._sql(UPSERT_WORKFLOWS),
+                                 {"tenant": tenant, "rows": Jsonb(rows)})
         changed = [r[0] for r in await cur.fetchall()]
         if not changed:
             return  # every event was older than what the rows already show
@@ -235,9 +247,9 @@ class WorkflowStore:
                      for d in newest]
         params = {"tenant": tenant, "ids": changed, "rows": Jsonb(snapshots)}
         for table, insert in (("workflow_steps", REPLACE_STEPS), ("my_tasks", REPLACE_TASKS)):
-            await conn.execute(f"DELETE FROM read_model.{table} WHERE workflow_id = ANY(%s)",
+            await conn.execute(f"DELETE FROM {self.schema}.{table} WHERE workflow_id = ANY(%s)",
                                (changed,))
-            await conn.execute(insert, params)
+            await conn.execute(self._sql(insert), params)
 
 
 def history_row(delivery: Delivery) -> dict[str, Any]:

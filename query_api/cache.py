@@ -14,10 +14,21 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-FILL = """
-local applied = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if tonumber(ARGV[2]) >= applied then
-    redis.call('SET', KEYS[1], ARGV[3], 'EX', tonumber(ARGV[4]))
+from projectors.cache_store import LIVE, NAMESPACE_KEY, RESOLVE_NAMESPACE
+
+# Every read resolves the live namespace inside Redis (ADR 0005): one round
+# trip, and a cut-over between two commands cannot split a read.
+DETAIL = RESOLVE_NAMESPACE + """
+return redis.call('GET', ns .. 'workflow:' .. ARGV[2] .. ':' .. ARGV[3])
+"""
+APPLIED = RESOLVE_NAMESPACE + """
+return redis.call('HGET', ns .. 'wfver:' .. ARGV[2], ARGV[3])
+"""
+FILL = RESOLVE_NAMESPACE + """
+local applied = tonumber(redis.call('HGET', ns .. 'wfver:' .. ARGV[2], ARGV[3]) or '0')
+if tonumber(ARGV[4]) >= applied then
+    redis.call('SET', ns .. 'workflow:' .. ARGV[2] .. ':' .. ARGV[3], ARGV[5], 'EX',
+               tonumber(ARGV[6]))
     return 1
 end
 return 0
@@ -27,20 +38,25 @@ return 0
 class DetailCache:
     def __init__(self, client: aioredis.Redis, ttl_s: int = 3600) -> None:
         self.client, self.ttl = client, ttl_s
+        self.detail_script = client.register_script(DETAIL)
+        self.applied_script = client.register_script(APPLIED)
         self.fill_script = client.register_script(FILL)
         self.inflight: dict[tuple[UUID, UUID], asyncio.Future[dict[str, Any] | None]] = {}
 
     async def get(self, tenant: UUID, workflow_id: UUID) -> dict[str, Any] | None:
         """The cached snapshot, or None on a miss or when Redis is down."""
         try:
-            body = await self.client.get(f"workflow:{tenant}:{workflow_id}")
+            body = await self.detail_script(keys=[NAMESPACE_KEY],
+                                            args=[LIVE, str(tenant), str(workflow_id)])
         except RedisError:
             return None
         return orjson.loads(body) if body else None
 
     async def applied_version(self, tenant: UUID, workflow_id: UUID) -> int:
         try:
-            return int(await self.client.hget(f"wfver:{tenant}", str(workflow_id)) or 0)
+            return int(await self.applied_script(keys=[NAMESPACE_KEY],
+                                                 args=[LIVE, str(tenant), str(workflow_id)])
+                       or 0)
         except RedisError:
             return 0
 
@@ -69,7 +85,8 @@ class DetailCache:
     async def _fill(self, tenant: UUID, workflow_id: UUID, snapshot: dict[str, Any]) -> None:
         try:
             await self.fill_script(
-                keys=[f"workflow:{tenant}:{workflow_id}", f"wfver:{tenant}"],
-                args=[str(workflow_id), snapshot["version"], orjson.dumps(snapshot), self.ttl])
+                keys=[NAMESPACE_KEY],
+                args=[LIVE, str(tenant), str(workflow_id), snapshot["version"],
+                      orjson.dumps(snapshot), self.ttl])
         except RedisError:
             pass  # a cache that cannot be filled is only a slower read

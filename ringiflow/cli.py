@@ -466,33 +466,46 @@ def replay(
 @app.command()
 def rebuild(
     projector: Projector,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen and how "
+                                          "many events it reads; change nothing.")] = False,
     drop_old: Annotated[bool, typer.Option("--drop-old", help="Delete the previous "
                                            "versions after the cut-over.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000,
+                                            help="Events per store write.")] = 1000,
     data_dir: DataDir = None, json_out: JsonOut = False,
 ) -> None:
-    """Blue/green rebuild from the events table with an atomic cut-over (search so far)."""
+    """Blue/green: build a new version of the read model from the events table,
+    cut over atomically (views / namespace pointer / alias), keep the old one.
+    Resumes an interrupted rebuild."""
     from ringiflow.dlq import record_action
+    from ringiflow.rebuild import RefusedCutOver
     from ringiflow.rebuild import rebuild as run_rebuild
 
     settings = _settings(data_dir).with_runtime()
     try:
         result = run_rebuild(settings, projector, dry_run, drop_old,
                              (lambda _m: None) if json_out
-                             else (lambda m: typer.echo(f"· {m}", err=True)))
+                             else (lambda m: typer.echo(f"· {m}", err=True)), batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    except RefusedCutOver as exc:
+        record_action(settings, "rebuild", projector, None, "refused", details={
+            "error": str(exc)})
+        typer.echo(f"error: rebuild not cut over: {exc}", err=True)
+        raise typer.Exit(1) from None
     if not dry_run:
         record_action(settings, "rebuild", projector, None, "done", details=result)
     if json_out:
         _echo_json(result)
     elif dry_run:
-        typer.echo(f"would build {result['target']} from {result['events']} events "
-                   f"({'resuming' if result['resume'] else 'new'}) and move {result['alias']} "
-                   f"from {result['live'] or 'nothing'}")
+        typer.echo(f"would {'resume' if result['resume'] else 'build'} {result['target']} "
+                   f"from {result['events']:,} events ({result['workflows']:,} workflows) "
+                   f"and then switch from {result['live'] or 'nothing'}")
     else:
-        typer.echo(f"{result['alias']} now points at {result['target']}; previous: "
-                   f"{result['swapped_from'] or 'none'}; kept: {result['kept'] or 'none'}")
+        typer.echo(f"{projector}: {result['target']} is live (was "
+                   f"{result['swapped_from'] or 'none'}), {result['events_done']:,} events in "
+                   f"{result['seconds']} s; kept: {', '.join(result['kept']) or 'none'}; "
+                   f"dropped: {', '.join(result['dropped']) or 'none'}")
 
 
 @app.command()
@@ -504,24 +517,21 @@ def verify(
 ) -> None:
     """Compare a read model with the events table; exit 1 on any difference
     (after --repair: on any difference left)."""
-    from ringiflow.resync import Scope, verify_workflows
-    from ringiflow.resync import replay as run_replay
+    from ringiflow.dlq import record_action
+    from ringiflow.resync import repair as run_repair
+    from ringiflow.resync import verify as run_verify
 
-    if projector != "workflow-projector":
-        raise ConfigError("verify covers workflow-projector so far; the cache and search "
-                          "stores are version-guarded copies of the same snapshots")
     settings = _settings(data_dir).with_runtime()
-    differences = verify_workflows(settings, tenant)
+    try:
+        differences = run_verify(settings, projector, tenant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     repaired: list[str] = []
     if repair and differences:
-        for aggregate in sorted({d.aggregate_id for d in differences}, key=str):
-            run_replay(settings, projector, Scope(tenant=tenant, aggregate=aggregate))
-            repaired.append(str(aggregate))
-        from ringiflow.dlq import record_action
-
+        repaired = [str(a) for a in run_repair(settings, projector, tenant, differences)]
         record_action(settings, "verify.repair", projector, None, "done",
-                      details={"aggregates": repaired})
-        differences = verify_workflows(settings, tenant)
+                      details={"aggregates": repaired, "differences": len(differences)})
+        differences = run_verify(settings, projector, tenant)
     if json_out:
         _echo_json({"differences": [d.__dict__ for d in differences], "repaired": repaired})
     else:
@@ -532,6 +542,9 @@ def verify(
             typer.echo(f"repaired {len(repaired)} aggregates")
         typer.echo("read model matches the events" if not differences
                    else f"{len(differences)} differences")
+        if repaired and differences:
+            typer.echo(f"hint: what --repair could not fix holds a version newer than the "
+                       f"event store; `ringiflow rebuild {projector}` builds it anew", err=True)
     raise typer.Exit(1 if differences else 0)
 
 

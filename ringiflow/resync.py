@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from contract import EventEnvelope
+from infra.clients import opensearch_client
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery
@@ -122,29 +123,38 @@ def replay(settings: Settings, group: str, scope: Scope, dry_run: bool = False,
 
 @dataclass(frozen=True)
 class Difference:
-    aggregate_id: UUID
+    aggregate_id: UUID  # for a tenant-wide counter: the tenant
     field: str
     expected: Any
     actual: Any
 
 
+def _newest_snapshots(settings: Settings, tenant: UUID | None) -> list[dict[str, Any]]:
+    """tenant_id, aggregate_id, version and snapshot of every workflow's newest event."""
+    where = "aggregate_type = 'workflow'" + (" AND tenant_id = %s" if tenant else "")
+    with psycopg.connect(libpq_url(settings.require("database_url")),
+                         row_factory=dict_row) as conn:
+        return conn.execute(
+            "SELECT DISTINCT ON (aggregate_id) tenant_id, aggregate_id, version, aggregate "
+            f"FROM event_store.events WHERE {where} ORDER BY aggregate_id, version DESC",
+            [tenant] if tenant else []).fetchall()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (str(a) if a is not None else None) == (str(b) if b is not None else None)
+
+
 def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Difference]:
     """Compare workflow_read_models with the newest snapshot of every workflow in
     the events table."""
-    where = "e.aggregate_type = 'workflow'" + (" AND e.tenant_id = %s" if tenant else "")
-    params = [tenant] if tenant else []
     with psycopg.connect(libpq_url(settings.require("database_url")),
                          row_factory=dict_row) as conn:
-        expected = conn.execute(
-            "SELECT DISTINCT ON (e.aggregate_id) e.aggregate_id, e.version, e.aggregate "
-            f"FROM event_store.events e WHERE {where} ORDER BY e.aggregate_id, e.version DESC",
-            params).fetchall()
         actual = {r["id"]: r for r in conn.execute(
             "SELECT id, status, title, priority, last_event_version, current_assignee_id "
             "FROM read_model.workflow_read_models" + (" WHERE tenant_id = %s" if tenant else ""),
-            params).fetchall()}
+            [tenant] if tenant else []).fetchall()}
     differences = []
-    for row in expected:
+    for row in _newest_snapshots(settings, tenant):
         snapshot, wid = row["aggregate"], row["aggregate_id"]
         have = actual.pop(wid, None)
         if have is None:
@@ -153,10 +163,195 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
         wanted = {"last_event_version": row["version"], "status": snapshot["status"],
                   "title": snapshot["title"], "priority": snapshot["priority"],
                   "current_assignee_id": snapshot.get("current_assignee_id")}
-        for name, value in wanted.items():
-            got = have[name]
-            if (str(got) if got is not None else None) != (str(value) if value is not None
-                                                           else None):
-                differences.append(Difference(wid, name, value, got))
+        differences += [Difference(wid, name, value, have[name])
+                        for name, value in wanted.items() if not _same(have[name], value)]
     differences += [Difference(wid, "row", "absent", "present") for wid in actual]
     return differences
+
+
+def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, int]]:
+    """The dashboard counters the snapshots imply, per tenant (SPEC §4)."""
+    out: dict[UUID, dict[str, int]] = {}
+    for row in rows:
+        counters = out.setdefault(row["tenant_id"], {"pending": 0, "completed_today": 0})
+        snapshot = row["aggregate"]
+        if snapshot["status"] == "in_progress":
+            counters["pending"] += 1
+        done = snapshot.get("completed_at")
+        if snapshot["status"] in ("approved", "rejected") and done and \
+                datetime.fromisoformat(done).astimezone(UTC).date() == today:
+            counters["completed_today"] += 1
+    return out
+
+
+async def _verify_cache(settings: Settings, tenant: UUID | None) -> list[Difference]:
+    from infra.clients import redis_client
+    from projectors.cache_store import live_namespace
+
+    rows = _newest_snapshots(settings, tenant)
+    today = datetime.now(UTC).date()
+    client = redis_client(settings.require("redis_url"))
+    differences: list[Difference] = []
+    try:
+        ns = await live_namespace(client)
+        tenants = {r["tenant_id"] for r in rows} | ({tenant} if tenant else set())
+        versions, statuses = {}, {}
+        for t in tenants:
+            versions[t] = {UUID(k.decode()): int(v) for k, v in
+                           (await client.hgetall(f"{ns}wfver:{t}")).items()}
+            statuses[t] = {UUID(k.decode()): v.decode() for k, v in
+                           (await client.hgetall(f"{ns}wfstatus:{t}")).items()}
+        for row in rows:
+            t, wid = row["tenant_id"], row["aggregate_id"]
+            have = versions[t].pop(wid, None)
+            if have is None:
+                differences.append(Difference(wid, "cached", "present", "missing"))
+                continue
+            if have != row["version"]:
+                differences.append(Difference(wid, "version", row["version"], have))
+            status = row["aggregate"]["status"]
+            if statuses[t].get(wid) != status:
+                differences.append(Difference(wid, "status", status, statuses[t].get(wid)))
+        differences += [Difference(wid, "cached", "absent", "present")
+                        for t in tenants for wid in versions[t]]
+        expected = _counters(rows, today)
+        for t in tenants:
+            pending = int(await client.hget(f"{ns}stats:{t}", "pending") or 0)
+            completed = int(await client.get(f"{ns}stats:{t}:completed:{today}") or 0)
+            wanted = expected.get(t, {"pending": 0, "completed_today": 0})
+            if pending != wanted["pending"]:
+                differences.append(Difference(t, "stats.pending", wanted["pending"], pending))
+            if completed != wanted["completed_today"]:
+                differences.append(Difference(t, "stats.completed_today",
+                                              wanted["completed_today"], completed))
+    finally:
+        await client.aclose()
+    return differences
+
+
+async def _search_documents(client: Any, alias: str,
+                            tenant: UUID | None) -> dict[UUID, dict[str, Any]]:
+    query: dict[str, Any] = {"term": {"tenant_id": str(tenant)}} if tenant \
+        else {"match_all": {}}
+    found: dict[UUID, dict[str, Any]] = {}
+    after: list[Any] | None = None
+    while True:
+        body: dict[str, Any] = {"query": query, "size": 1000, "sort": [{"workflow_id": "asc"}],
+                                "_source": ["workflow_id", "tenant_id", "version", "status"]}
+        if after:
+            body["search_after"] = after
+        hits = (await client.search(index=alias, body=body))["hits"]["hits"]
+        for hit in hits:
+            found[UUID(hit["_source"]["workflow_id"])] = hit["_source"]
+        if len(hits) < 1000:
+            return found
+        after = hits[-1]["sort"]
+
+
+async def _verify_search(settings: Settings, tenant: UUID | None) -> list[Difference]:
+    client = opensearch_client(settings.require("opensearch_url"))
+    try:
+        await client.indices.refresh(index=settings.search_alias)
+        actual = await _search_documents(client, settings.search_alias, tenant)
+    finally:
+        await client.close()
+    differences = []
+    for row in _newest_snapshots(settings, tenant):
+        wid = row["aggregate_id"]
+        have = actual.pop(wid, None)
+        if have is None:
+            differences.append(Difference(wid, "document", "present", "missing"))
+            continue
+        for name, value in (("version", row["version"]),
+                            ("status", row["aggregate"]["status"])):
+            if not _same(have.get(name), value):
+                differences.append(Difference(wid, name, value, have.get(name)))
+    differences += [Difference(wid, "document", "absent", "present") for wid in actual]
+    return differences
+
+
+VERIFIABLE = ("workflow-projector", "cache-projector", "search-indexer")
+
+
+def verify(settings: Settings, projector: str, tenant: UUID | None = None) -> list[Difference]:
+    if projector == "workflow-projector":
+        return verify_workflows(settings, tenant)
+    if projector == "cache-projector":
+        return asyncio.run(_verify_cache(settings, tenant))
+    if projector == "search-indexer":
+        return asyncio.run(_verify_search(settings, tenant))
+    raise ValueError(f"verify compares read models; {projector} writes topics. Verify one of "
+                     f"{', '.join(VERIFIABLE)}")
+
+
+def repair(settings: Settings, projector: str, tenant: UUID | None,
+           differences: list[Difference]) -> list[UUID]:
+    """Forget exactly the aggregates that differ and replay them from the events
+    table; for the cache, recompute the tenant counters the snapshots imply."""
+    ids = sorted({d.aggregate_id for d in differences if not d.field.startswith("stats.")},
+                 key=str)
+    asyncio.run(_forget(settings, projector, ids))
+    for aggregate in ids:
+        replay(settings, projector, Scope(tenant=tenant, aggregate=aggregate))
+    if projector == "cache-projector":
+        tenants = {d.aggregate_id for d in differences if d.field.startswith("stats.")}
+        rows = _newest_snapshots(settings, tenant)
+        tenants |= {r["tenant_id"] for r in rows if r["aggregate_id"] in set(ids)}
+        asyncio.run(_recount(settings, tenants, [r for r in rows if r["tenant_id"] in tenants]))
+    return ids
+
+
+async def _forget(settings: Settings, projector: str, ids: list[UUID]) -> None:
+    """A cached copy with a wrong, higher version would shadow the replay: drop it
+    first. (The PostgreSQL store does this itself in replay.)"""
+    if projector == "cache-projector":
+        from infra.clients import redis_client
+        from projectors.cache_store import live_namespace
+
+        by_tenant = aggregates_in_ids(settings, ids)
+        client = redis_client(settings.require("redis_url"))
+        try:
+            ns = await live_namespace(client)
+            for t, wids in by_tenant.items():
+                for wid in wids:
+                    if (await client.hget(f"{ns}wfstatus:{t}", str(wid))) == b"in_progress":
+                        await client.hincrby(f"{ns}stats:{t}", "pending", -1)
+                    await client.hdel(f"{ns}wfver:{t}", str(wid))
+                    await client.hdel(f"{ns}wfstatus:{t}", str(wid))
+                    await client.zrem(f"{ns}overdue:{t}", str(wid))
+                    await client.delete(f"{ns}workflow:{t}:{wid}")
+        finally:
+            await client.aclose()
+    # The search index needs no forgetting: a missing or older document is
+    # overwritten by the replay. One with a *newer* external version than the
+    # event store cannot be, by design of external versioning; a deleted one
+    # leaves a tombstone with a newer version too. Those need a rebuild.
+
+
+def aggregates_in_ids(settings: Settings, ids: list[UUID]) -> dict[UUID, list[UUID]]:
+    """Tenant of each aggregate (from the events table; unknown ids are skipped)."""
+    with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
+        rows = conn.execute("SELECT DISTINCT tenant_id, aggregate_id FROM event_store.events "
+                            "WHERE aggregate_id = ANY(%s)", (ids,)).fetchall()
+    by_tenant: dict[UUID, list[UUID]] = {}
+    for t, wid in rows:
+        by_tenant.setdefault(t, []).append(wid)
+    return by_tenant
+
+
+async def _recount(settings: Settings, tenants: set[UUID], rows: list[dict[str, Any]]) -> None:
+    from infra.clients import redis_client
+    from projectors.cache_store import live_namespace
+
+    today = datetime.now(UTC).date()
+    client = redis_client(settings.require("redis_url"))
+    try:
+        ns = await live_namespace(client)
+        counted = _counters(rows, today)
+        for t in tenants:
+            counters = counted.get(t, {"pending": 0, "completed_today": 0})
+            await client.hset(f"{ns}stats:{t}", "pending", counters["pending"])
+            await client.set(f"{ns}stats:{t}:completed:{today}", counters["completed_today"],
+                             ex=8 * 86400)
+    finally:
+        await client.aclose()

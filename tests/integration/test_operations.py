@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from infra.settings import Settings
 from tests.conftest import TEST_JWT_SECRET, settings_env
 from tests.helpers import Tenant
+from tests.scenarios import World, build_world
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +72,6 @@ async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
     from streams.deadletters import DeadLetters
     from streams.processor import Processor, RetryPolicy
     from tests.integration.test_streams import Flaky, records_of
-    from tests.scenarios import build_world
 
     world = build_world(workflows=6)
     victim = [e for e in world.events if e.aggregate_type.value == "workflow"][-1].aggregate_id
@@ -149,7 +150,6 @@ def test_replay_from_the_events_table_then_verify_and_repair(fresh_db: Settings)
 
     from infra.settings import libpq_url
     from tests.events import append
-    from tests.scenarios import build_world
 
     world = build_world(workflows=8)
     for event in world.events:
@@ -192,7 +192,6 @@ async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
     from tests.conftest import component
     from tests.events import append
     from tests.helpers import Person
-    from tests.scenarios import build_world
 
     alias = f"t-{uuid4().hex[:10]}"
     env = {"RINGIFLOW_SEARCH_ALIAS": alias}
@@ -207,7 +206,7 @@ async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
 
     assert cli("replay", "search-indexer", "--tenant", str(world.tenant_id)).returncode == 0
     plan = json.loads(cli("rebuild", "search-indexer", "--dry-run", "--json").stdout)
-    assert (plan["live"], plan["target"]) == ([f"{alias}-v1"], f"{alias}-v2")
+    assert (plan["live"], plan["target"]) == (f"{alias}-v1", f"{alias}-v2")
 
     reader = Person(world.tenant_id, "検索者")
     workflows = sum(1 for e in world.events if e.event_type == "WorkflowCreated")
@@ -231,7 +230,7 @@ async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
         await loader
     assert rebuilt.returncode == 0, rebuilt.stderr
     result = json.loads(rebuilt.stdout)
-    assert result["swapped_from"] == [f"{alias}-v1"] and result["kept"] == [f"{alias}-v1"]
+    assert result["swapped_from"] == f"{alias}-v1" and result["kept"] == [f"{alias}-v1"]
     assert len(outcomes) > 20
     assert set(outcomes) == {(200, workflows)}, "a query failed or saw an empty index"
 
@@ -243,3 +242,265 @@ async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
         assert list(await search.indices.get_alias(name=alias)) == [f"{alias}-v3"]
     finally:
         await search.close()
+
+
+def _world_in(settings: Settings, workflows: int = 30) -> World:
+    from tests.events import append
+
+    world = build_world(workflows=workflows)
+    for event in world.events:
+        append(settings.database_url or "", [event])
+    return world
+
+
+async def _under_load(settings: Settings, probe: Callable[[httpx.AsyncClient], Awaitable[object]],
+                      during: Callable[[], subprocess.CompletedProcess[str]],
+                      **env: str) -> tuple[subprocess.CompletedProcess[str], list[object]]:
+    """Run `during` (a CLI call) while a client keeps querying; every outcome."""
+    from tests.conftest import component
+
+    outcomes: list[object] = []
+    with component("query-api", settings, "RINGIFLOW_QUERY_API_PORT", **env) as base:
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                while not stop.is_set():
+                    outcomes.append(await probe(client))
+
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        finished = await asyncio.to_thread(during)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await loader
+    return finished, outcomes
+
+
+def _schemas(settings: Settings) -> list[str]:
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    with psycopg.connect(libpq_url(settings.database_url or "")) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read\\_model\\_v%' "
+            "ORDER BY 1")]
+
+
+async def test_workflow_rebuild_is_blue_green_with_no_failed_or_empty_query(
+    fresh_db: Settings,
+) -> None:
+    from tests.helpers import Person
+
+    world = _world_in(fresh_db)
+    tenant = str(world.tenant_id)
+    workflows = sum(1 for e in world.events if e.event_type == "WorkflowCreated")
+    assert ringiflow(fresh_db, "replay", "workflow-projector", "--tenant", tenant).returncode == 0
+    plan = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert (plan["live"], plan["target"], plan["resume"]) == ("read_model_v1", "read_model_v2",
+                                                              False)
+    assert plan["events"] == len(world.events) and plan["workflows"] == workflows
+    assert _schemas(fresh_db) == ["read_model_v1"], "a dry run created something"
+
+    reader = Person(world.tenant_id, "一覧者")
+    headers = {"Authorization": f"Bearer {reader.token(TEST_JWT_SECRET)}"}
+
+    async def probe(client: httpx.AsyncClient) -> object:
+        r = await client.get("/api/v1/queries/workflows", params={"limit": 100},
+                             headers=headers)
+        return r.status_code, len(r.json().get("items", []))
+
+    rebuilt, outcomes = await _under_load(
+        fresh_db, probe, lambda: ringiflow(fresh_db, "rebuild", "workflow-projector"))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "read_model_v2 is live (was read_model_v1)" in rebuilt.stdout
+    assert "events/s" in rebuilt.stderr and "ETA" in rebuilt.stderr
+    assert len(outcomes) > 20
+    assert set(outcomes) == {(200, workflows)}, "a query failed or saw an empty model"
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+    again = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--drop-old",
+                                 "--json").stdout)
+    assert (again["swapped_from"], again["target"]) == ("read_model_v2", "read_model_v3")
+    assert again["dropped"] == ["read_model_v1", "read_model_v2"]
+    assert _schemas(fresh_db) == ["read_model_v3"]
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
+async def test_an_interrupted_rebuild_resumes_where_it_stopped(fresh_db: Settings) -> None:
+    from ringiflow.rebuild import run_rebuild
+
+    world = _world_in(fresh_db, workflows=20)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_three_batches(message: str) -> None:
+        if message.startswith("copy") and int(message.split("/")[0].split()[-1]
+                                              .replace(",", "")) >= 30:
+            raise Crash(message)
+
+    with pytest.raises(Crash):
+        await run_rebuild(fresh_db, "workflow-projector", progress=crash_after_three_batches,
+                          batch=10)
+    plan = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert (plan["target"], plan["resume"]) == ("read_model_v2", True)
+    assert 30 <= plan["events_done"] < len(world.events)
+    resumed = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--json").stdout)
+    assert (resumed["target"], resumed["swapped_from"]) == ("read_model_v2", "read_model_v1")
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
+async def test_cache_rebuild_switches_namespaces_with_no_failed_or_empty_query(
+    fresh_db: Settings,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from projectors.cache_store import NAMESPACE_KEY
+    from tests.helpers import Person
+
+    # A Redis database of its own: the namespace pointer is global to a database.
+    settings = fresh_db.model_copy(update={
+        "redis_url": (fresh_db.redis_url or "").rsplit("/", 1)[0] + "/7"})
+    redis = aioredis.Redis.from_url(settings.redis_url or "")
+    await redis.flushdb()
+    try:
+        world = _world_in(settings)
+        tenant = world.tenant_id
+        assert ringiflow(settings, "replay", "cache-projector", "--tenant",
+                         str(tenant)).returncode == 0
+        one = next(e.aggregate_id for e in world.events
+                   if e.event_type == "WorkflowCreated")
+        reader = Person(tenant, "閲覧者")
+        headers = {"Authorization": f"Bearer {reader.token(TEST_JWT_SECRET)}"}
+
+        async def probe(client: httpx.AsyncClient) -> object:
+            stats = await client.get("/api/v1/queries/dashboard/stats", headers=headers)
+            detail = await client.get(f"/api/v1/queries/workflows/{one}", headers=headers)
+            body = stats.json()
+            return (stats.status_code, body.get("source"), body.get("pending"),
+                    detail.status_code, detail.json().get("source"))
+
+        before = await redis.hget(f"stats:{tenant}", "pending")
+        assert before is not None and int(before) > 0
+        rebuilt, outcomes = await _under_load(
+            settings, probe, lambda: ringiflow(settings, "rebuild", "cache-projector"),
+            RINGIFLOW_REDIS_URL=settings.redis_url or "")
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "v2 is live (was v1)" in rebuilt.stdout
+        assert await redis.get(NAMESPACE_KEY) == b"v2:"
+        assert len(outcomes) > 20
+        assert set(outcomes) == {(200, "cache", int(before), 200, "cache")}, \
+            "a query failed, fell back, or saw empty counters"
+        assert await redis.hget(f"v2:stats:{tenant}", "pending") == before
+
+        again = json.loads(ringiflow(settings, "rebuild", "cache-projector", "--drop-old",
+                                     "--json").stdout)
+        assert (again["target"], again["dropped"]) == ("v3", ["v1", "v2"])
+        assert [k async for k in redis.scan_iter(match="workflow:*")] == []
+        assert [k async for k in redis.scan_iter(match="v2:*")] == []
+        assert await redis.hget(f"v3:stats:{tenant}", "pending") == before
+    finally:
+        await redis.flushdb()
+        await redis.aclose()
+
+
+async def test_rebuild_while_commands_flow_through_the_live_projector(
+    system: dict[str, str], isolated: Settings,
+) -> None:
+    """The live workflow-projector keeps writing through the views while the
+    rebuild copies and cuts over; afterwards the new version has every event."""
+    async with httpx.AsyncClient(base_url=system["commands"], timeout=30) as client:
+        tenant = await Tenant(client, TEST_JWT_SECRET, isolated.database_url or "").setup()
+        stop = asyncio.Event()
+        created: list[UUID] = []
+
+        async def write() -> None:
+            while not stop.is_set():
+                created.append((await tenant.submitted_workflow())[0])
+
+        writer = asyncio.create_task(write())
+        await asyncio.sleep(1)
+        rebuilt = await asyncio.to_thread(ringiflow, isolated, "rebuild",
+                                          "workflow-projector", "--batch-size", "5")
+        await asyncio.sleep(1)
+        stop.set()
+        await writer
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert len(created) > 3
+    deadline = time.monotonic() + 60
+    while (verified := ringiflow(isolated, "verify", "workflow-projector")).returncode != 0:
+        assert time.monotonic() < deadline, verified.stdout
+        await asyncio.sleep(1)
+    plan = json.loads(ringiflow(isolated, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert plan["live"] == "read_model_v2"
+
+
+async def test_verify_finds_and_repairs_cache_and_search_differences(fresh_db: Settings) -> None:
+    import redis.asyncio as aioredis
+
+    from projectors.projection import Delivery
+    from projectors.search_store import SearchStore
+
+    alias = f"t-{uuid4().hex[:10]}"
+    settings = fresh_db.model_copy(update={
+        "redis_url": (fresh_db.redis_url or "").rsplit("/", 1)[0] + "/8", "search_alias": alias})
+    env = {"RINGIFLOW_SEARCH_ALIAS": alias, "RINGIFLOW_REDIS_URL": settings.redis_url or ""}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ringiflow", *args],
+                              env=settings_env(settings) | env, capture_output=True, text=True,
+                              timeout=300)
+
+    redis = aioredis.Redis.from_url(settings.redis_url or "")
+    await redis.flushdb()
+    try:
+        world = _world_in(settings, workflows=10)
+        t = world.tenant_id
+        in_progress = [s for s in world.states.values()
+                       if getattr(s, "status", None) is not None
+                       and s.status.value == "in_progress"]
+        broken, lost = in_progress[0].id, in_progress[1].id
+        assert cli("replay", "cache-projector", "--tenant", str(t)).returncode == 0
+        assert cli("verify", "cache-projector").returncode == 0
+        # The index misses one workflow entirely and the last event of another,
+        # as if their events had been dead-lettered and discarded.
+        last_of_broken = max((e for e in world.events if e.aggregate_id == broken),
+                             key=lambda e: e.version)
+        index = SearchStore(settings.opensearch_url or "", alias)
+        await index.start()
+        await index.apply([Delivery(e, replay=True) for e in world.events
+                           if e.aggregate_type.value == "workflow"
+                           and e.aggregate_id != lost and e is not last_of_broken])
+        await index.close()
+
+        await redis.hset(f"wfver:{t}", str(broken), 999)
+        await redis.hset(f"wfstatus:{t}", str(broken), "approved")
+        await redis.hdel(f"wfver:{t}", str(lost))
+        await redis.hincrby(f"stats:{t}", "pending", 5)
+
+        for projector, fields in (("cache-projector", {"version", "status", "cached",
+                                                        "stats.pending"}),
+                                  ("search-indexer", {"version", "document"})):
+            found = cli("verify", projector, "--json")
+            assert found.returncode == 1, found.stderr
+            diffs = json.loads(found.stdout)["differences"]
+            assert {d["aggregate_id"] for d in diffs} == {str(broken), str(lost)} | (
+                {str(t)} if projector == "cache-projector" else set())
+            assert {d["field"] for d in diffs} >= fields
+            repaired = cli("verify", projector, "--repair", "--json")
+            assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+            assert sorted(json.loads(repaired.stdout)["repaired"]) == sorted([str(broken),
+                                                                               str(lost)])
+            assert cli("verify", projector).returncode == 0
+        pending = sum(1 for s in world.states.values()
+                      if getattr(s, "status", None) is not None
+                      and s.status.value == "in_progress")
+        assert int(await redis.hget(f"stats:{t}", "pending")) == pending
+    finally:
+        await redis.flushdb()
+        await redis.aclose()

@@ -105,10 +105,35 @@ def test_query_role_cannot_write_and_projector_cannot_touch_events(settings: Set
         conn.rollback()
 
 
+def test_read_model_views_keep_row_level_security(settings: Settings) -> None:
+    """read_model.* are views over the live version (ADR 0005); they must not
+    bypass the tables' tenant isolation for readers or writers."""
+    tenant, other, user = uuid4(), uuid4(), uuid4()
+    with role_conn(settings, "projector") as conn:
+        set_tenant(conn, tenant)
+        conn.execute("INSERT INTO read_model.users VALUES (%s, %s, 'a', 'a@x', 1)",
+                     (user, tenant))
+        with pytest.raises(errors.InsufficientPrivilege):  # another tenant's row
+            conn.execute("INSERT INTO read_model.users VALUES (%s, %s, 'b', 'b@x', 1)",
+                         (uuid4(), other))
+        conn.rollback()
+        set_tenant(conn, tenant)
+        conn.execute("INSERT INTO read_model.users VALUES (%s, %s, 'a', 'a@x', 1)",
+                     (user, tenant))
+        conn.commit()
+    with role_conn(settings, "query") as conn:
+        set_tenant(conn, other)
+        assert conn.execute("SELECT count(*) FROM read_model.users WHERE id = %s",
+                            (user,)).fetchone() == (0,)
+        set_tenant(conn, tenant)
+        assert conn.execute("SELECT count(*) FROM read_model.users WHERE id = %s",
+                            (user,)).fetchone() == (1,)
+
+
 def test_migrations_are_idempotent(settings: Settings) -> None:
     url = settings.database_url or ""
     db.migrate(url)
-    assert db.current_revision(url) == db.head_revision() == "0004"
+    assert db.current_revision(url) == db.head_revision() == "0005"
 
 
 async def test_redis_round_trip(settings: Settings) -> None:
