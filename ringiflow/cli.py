@@ -472,6 +472,10 @@ def rebuild(
                                            "versions after the cut-over.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=10_000,
                                             help="Events per store write.")] = 1000,
+    max_rate: Annotated[float | None, typer.Option(
+        "--max-rate", min=1, help="Throttle to this many events/s.")] = None,
+    abandon: Annotated[bool, typer.Option("--abandon", help="Discard an interrupted "
+                                          "rebuild and its half-built version.")] = False,
     data_dir: DataDir = None, json_out: JsonOut = False,
 ) -> None:
     """Blue/green: build a new version of the read model from the events table,
@@ -485,18 +489,27 @@ def rebuild(
     try:
         result = run_rebuild(settings, projector, dry_run, drop_old,
                              (lambda _m: None) if json_out
-                             else (lambda m: typer.echo(f"· {m}", err=True)), batch_size)
+                             else (lambda m: typer.echo(f"· {m}", err=True)), batch_size,
+                             max_rate, abandon)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: run `ringiflow rebuild {projector}` again to resume, or "
+                   "add --abandon to discard the half-built version", err=True)
+        raise typer.Exit(130) from None
     except RefusedCutOver as exc:
         record_action(settings, "rebuild", projector, None, "refused", details={
             "error": str(exc)})
         typer.echo(f"error: rebuild not cut over: {exc}", err=True)
         raise typer.Exit(1) from None
     if not dry_run:
-        record_action(settings, "rebuild", projector, None, "done", details=result)
+        record_action(settings, "rebuild.abandon" if abandon else "rebuild", projector, None,
+                      "done", details=result)
     if json_out:
         _echo_json(result)
+    elif abandon:
+        typer.echo(f"{'would abandon' if dry_run else 'abandoned'} {result['target']}; "
+                   f"{result['live'] or 'nothing'} stays live")
     elif dry_run:
         typer.echo(f"would {'resume' if result['resume'] else 'build'} {result['target']} "
                    f"from {result['events']:,} events ({result['workflows']:,} workflows) "

@@ -401,7 +401,7 @@ def _counts(database_url: str, aggregate_types: tuple[str, ...]) -> tuple[int, i
 
 
 async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeeping,
-                label: str, progress: Progress, batch: int) -> int:
+                label: str, progress: Progress, batch: int, max_rate: float | None) -> int:
     """Apply every event not yet covered, in position order; returns how many."""
     projection = CATALOGUE[versions.projector](versions.settings)
     started, done, start_position = time.monotonic(), 0, plan.position
@@ -433,6 +433,8 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
             done += len(rows)
             plan.events_done += len(rows)
             book.progress(plan)
+            if max_rate:  # throttle: leave the database to the live traffic
+                await asyncio.sleep(max(done / max_rate - (time.monotonic() - started), 0))
             rate = done / max(time.monotonic() - started, 1e-6)
             left = max(plan.events - plan.events_done, 0)
             progress(f"{label}: {plan.events_done:,}/{plan.events:,} events, "
@@ -445,7 +447,8 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
 
 async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
                       drop_old: bool = False, progress: Progress = lambda _m: None,
-                      batch: int = 1000) -> Rebuild:
+                      batch: int = 1000, max_rate: float | None = None,
+                      abandon: bool = False) -> Rebuild:
     if projector not in VERSIONS:
         raise ValueError(f"{projector} has no versioned read model to rebuild; rebuild one "
                          f"of {', '.join(VERSIONS)} (derived topics are re-derived by replay)")
@@ -464,6 +467,14 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
             target = versions.next_version([*await versions.existing(), *([live] if live
                                                                           else [])])
             plan = Rebuild(projector, live, target, False, events, workflows)
+        if abandon:
+            if not plan.resume:
+                raise ValueError(f"no {projector} rebuild is in progress; nothing to abandon")
+            if not dry_run:
+                await versions.drop(plan.target)
+                book.dropped(plan.target)
+                plan.dropped.append(plan.target)
+            return plan
         if dry_run:
             return plan
         if not plan.resume:
@@ -474,8 +485,8 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
         store = versions.store(plan.target)
         await store.start()
         try:
-            await _pass(versions, store, plan, book, "copy", progress, batch)
-            await _pass(versions, store, plan, book, "catch-up", progress, batch)
+            await _pass(versions, store, plan, book, "copy", progress, batch, max_rate)
+            await _pass(versions, store, plan, book, "catch-up", progress, batch, max_rate)
             have = await versions.count(plan.target)
             if have < workflows:
                 raise RefusedCutOver(
@@ -487,7 +498,8 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
             plan.swapped_from = live
             progress(f"{plan.target} is live (was {live or 'none'})")
             # What the live projector wrote to the old version just before the switch.
-            await _pass(versions, store, plan, book, "after cut-over", progress, batch)
+            await _pass(versions, store, plan, book, "after cut-over", progress, batch,
+                        max_rate)
         finally:
             await store.close()
         previous = sorted({v for v in await versions.existing() if v != plan.target},
@@ -505,6 +517,7 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
 
 
 def rebuild(settings: Settings, projector: str, dry_run: bool, drop_old: bool,
-            progress: Progress, batch: int = 1000) -> dict[str, Any]:
+            progress: Progress, batch: int = 1000, max_rate: float | None = None,
+            abandon: bool = False) -> dict[str, Any]:
     return asdict(asyncio.run(run_rebuild(settings, projector, dry_run, drop_old, progress,
-                                          batch)))
+                                          batch, max_rate, abandon)))

@@ -353,6 +353,29 @@ async def test_an_interrupted_rebuild_resumes_where_it_stopped(fresh_db: Setting
     assert (resumed["target"], resumed["swapped_from"]) == ("read_model_v2", "read_model_v1")
     assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
 
+    # Interrupted again, then abandoned: the half-built version goes, the live one stays.
+    with pytest.raises(Crash):
+        await run_rebuild(fresh_db, "workflow-projector", progress=crash_after_three_batches,
+                          batch=10)
+    assert _schemas(fresh_db) == ["read_model_v1", "read_model_v2", "read_model_v3"]
+    nothing = ringiflow(fresh_db, "rebuild", "search-indexer", "--abandon")
+    assert nothing.returncode == 2 and "nothing to abandon" in nothing.stderr
+    abandoned = ringiflow(fresh_db, "rebuild", "workflow-projector", "--abandon")
+    assert abandoned.returncode == 0, abandoned.stderr
+    assert "abandoned read_model_v3; read_model_v2 stays live" in abandoned.stdout
+    assert _schemas(fresh_db) == ["read_model_v1", "read_model_v2"]
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
+def test_a_throttled_rebuild_keeps_to_its_rate(fresh_db: Settings) -> None:
+    world = _world_in(fresh_db, workflows=10)
+    started = time.monotonic()
+    done = ringiflow(fresh_db, "rebuild", "workflow-projector", "--max-rate", "100",
+                     "--batch-size", "20")
+    assert done.returncode == 0, done.stderr
+    # ~70 events at <= 100/s cannot take less than ~0.5 s of copying.
+    assert time.monotonic() - started > len(world.events) / 100 * 0.8
+
 
 async def test_cache_rebuild_switches_namespaces_with_no_failed_or_empty_query(
     fresh_db: Settings,
