@@ -27,9 +27,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from contract import EventEnvelope
 from infra.clients import opensearch_client
@@ -407,6 +409,7 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
     started, done, start_position = time.monotonic(), 0, plan.position
     with psycopg.connect(versions.database_url, row_factory=dict_row) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        set_json_loads(orjson.loads, conn)
         # The snapshot the cursor below reads; transactions it cannot see yet
         # are at or after its xmin.
         xmin = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
@@ -418,27 +421,41 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
                     "AND aggregate_type = ANY(%(types)s) ORDER BY position",
                     {"after": plan.position, "xmin": plan.open_xmin,
                      "types": list(versions.aggregate_types)})
-        while rows := cur.fetchmany(batch):
+
+        def fetch() -> tuple[list[dict[str, Any]], list[Delivery]]:
+            rows = cur.fetchmany(batch)
             deliveries = [Delivery(EventEnvelope.model_validate(
                 {k: v for k, v in r.items() if k != "position"}), replay=True) for r in rows]
-            deliveries = [d for d in deliveries if projection.handles(d.envelope.event_type)]
-            if deliveries:
-                await store.apply(deliveries)
-            plan.position = max(plan.position, rows[-1]["position"])
-            if rows[-1]["position"] > start_position:
-                # Past the old resume point, every row the old bound still owed is
-                # applied (rows come in position order): the bound is now this
-                # snapshot's.
-                plan.open_xmin = xmin
-            done += len(rows)
-            plan.events_done += len(rows)
-            book.progress(plan)
-            if max_rate:  # throttle: leave the database to the live traffic
-                await asyncio.sleep(max(done / max_rate - (time.monotonic() - started), 0))
-            rate = done / max(time.monotonic() - started, 1e-6)
-            left = max(plan.events - plan.events_done, 0)
-            progress(f"{label}: {plan.events_done:,}/{plan.events:,} events, "
-                     f"{rate:,.0f} events/s, ETA {left / rate:.0f} s")
+            return rows, [d for d in deliveries if projection.handles(d.envelope.event_type)]
+
+        # Read and decode batch N+1 (PostgreSQL and a thread) while batch N is applied.
+        ahead = asyncio.ensure_future(asyncio.to_thread(fetch))
+        try:
+            while True:
+                rows, deliveries = await ahead
+                if not rows:
+                    break
+                ahead = asyncio.ensure_future(asyncio.to_thread(fetch))
+                if deliveries:
+                    await store.apply(deliveries)
+                plan.position = max(plan.position, rows[-1]["position"])
+                if rows[-1]["position"] > start_position:
+                    # Past the old resume point, every row the old bound still owed is
+                    # applied (rows come in position order): the bound is now this
+                    # snapshot's.
+                    plan.open_xmin = xmin
+                done += len(rows)
+                plan.events_done += len(rows)
+                book.progress(plan)
+                if max_rate:  # throttle: leave the database to the live traffic
+                    await asyncio.sleep(max(done / max_rate - (time.monotonic() - started), 0))
+                rate = done / max(time.monotonic() - started, 1e-6)
+                left = max(plan.events - plan.events_done, 0)
+                progress(f"{label}: {plan.events_done:,}/{plan.events:,} events, "
+                         f"{rate:,.0f} events/s, ETA {left / rate:.0f} s")
+        finally:
+            if not ahead.done():  # the cursor must be idle before its connection closes
+                await asyncio.wait([ahead])
     # Everything this snapshot saw is applied; what it could not see is >= xmin.
     plan.open_xmin = xmin
     book.progress(plan)

@@ -527,3 +527,26 @@ async def test_verify_finds_and_repairs_cache_and_search_differences(fresh_db: S
     finally:
         await redis.flushdb()
         await redis.aclose()
+
+
+def test_a_rebuild_killed_mid_copy_resumes_and_goes_live(fresh_db: Settings) -> None:
+    import signal
+
+    world = _world_in(fresh_db, workflows=10)
+    running = subprocess.Popen(
+        [sys.executable, "-m", "ringiflow", "rebuild", "workflow-projector", "--max-rate", "40",
+         "--batch-size", "5"], env=settings_env(fresh_db), stderr=subprocess.PIPE, text=True)
+    assert running.stderr is not None
+    for line in running.stderr:  # throttled: the copy takes seconds; kill it inside
+        if line.startswith("· copy: ") and int(line.split()[2].split("/")[0]) >= 15:
+            break
+    running.send_signal(signal.SIGKILL)
+    running.wait(10)
+    plan = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert plan["resume"] and plan["target"] == "read_model_v2"
+    assert 15 <= plan["events_done"] < len(world.events)
+    resumed = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--json").stdout)
+    assert (resumed["swapped_from"], resumed["target"]) == ("read_model_v1", "read_model_v2")
+    assert resumed["events_done"] >= len(world.events)
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
