@@ -149,6 +149,12 @@ class EventRegistry:
 
 REGISTRY = EventRegistry()
 
+
+def stored_envelope(row: Mapping[str, Any]) -> EventEnvelope:
+    """An event read back from the events table (replays, rebuilds), upcast to the
+    shape handlers expect; unknown types and newer schemas raise as on Kafka."""
+    return REGISTRY.upcast(EventEnvelope.model_validate(row))
+
 _EVENT_TYPES: dict[AggregateType, Sequence[str]] = {
     AggregateType.USER: ("UserRegistered", "UserRenamed"),
     AggregateType.DEFINITION: ("DefinitionCreated",),

@@ -482,7 +482,7 @@ def rebuild(
     cut over atomically (views / namespace pointer / alias), keep the old one.
     Resumes an interrupted rebuild."""
     from ringiflow.dlq import record_action
-    from ringiflow.rebuild import RefusedCutOver
+    from ringiflow.rebuild import RebuildFailed, RefusedCutOver
     from ringiflow.rebuild import rebuild as run_rebuild
 
     settings = _settings(data_dir).with_runtime()
@@ -497,10 +497,10 @@ def rebuild(
         typer.echo(f"interrupted: run `ringiflow rebuild {projector}` again to resume, or "
                    "add --abandon to discard the half-built version", err=True)
         raise typer.Exit(130) from None
-    except RefusedCutOver as exc:
-        record_action(settings, "rebuild", projector, None, "refused", details={
+    except (RefusedCutOver, RebuildFailed) as exc:
+        record_action(settings, "rebuild", projector, None, "failed", details={
             "error": str(exc)})
-        typer.echo(f"error: rebuild not cut over: {exc}", err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     if not dry_run:
         record_action(settings, "rebuild.abandon" if abandon else "rebuild", projector, None,

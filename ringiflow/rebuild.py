@@ -33,12 +33,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
-from contract import EventEnvelope
+from contract import stored_envelope
 from infra.clients import opensearch_client
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import NAMESPACE_KEY, CacheStore
 from projectors.catalogue import CATALOGUE
-from projectors.projection import Delivery, Store
+from projectors.projection import Delivery, NonRetryable, Retryable, Store
 from projectors.search_store import SearchStore, index_body
 from projectors.workflow_store import WorkflowStore
 
@@ -56,6 +56,10 @@ def _number(version: str) -> int:
 
 class RefusedCutOver(RuntimeError):
     """The new version is not complete; the live one stays."""
+
+
+class RebuildFailed(RuntimeError):
+    """A pass stopped; the rebuild stays resumable."""
 
 
 class Versions(ABC):
@@ -352,6 +356,14 @@ class Bookkeeping:
         self.conn = psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
         self.projector = projector
 
+    def lock(self) -> None:
+        """One rebuild per projector at a time (held until the connection closes)."""
+        got = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS got",
+                                (f"ringiflow.rebuild:{self.projector}",)).fetchone()
+        if not got or not got["got"]:
+            raise RebuildFailed(f"another `ringiflow rebuild {self.projector}` is running; "
+                                "wait for it (or stop it) and run this again")
+
     def building(self) -> dict[str, Any] | None:
         return self.conn.execute("SELECT * FROM streams.rebuilds WHERE projector = %s "
                                  "AND status = 'building'", (self.projector,)).fetchone()
@@ -424,7 +436,7 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
 
         def fetch() -> tuple[list[dict[str, Any]], list[Delivery]]:
             rows = cur.fetchmany(batch)
-            deliveries = [Delivery(EventEnvelope.model_validate(
+            deliveries = [Delivery(stored_envelope(
                 {k: v for k, v in r.items() if k != "position"}), replay=True) for r in rows]
             return rows, [d for d in deliveries if projection.handles(d.envelope.event_type)]
 
@@ -462,6 +474,16 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
     return done
 
 
+async def _guarded(copying: Any, plan: Rebuild, label: str) -> None:
+    try:
+        await copying
+    except (psycopg.Error, ValueError, LookupError, Retryable, NonRetryable) as exc:
+        raise RebuildFailed(
+            f"{plan.target}: the {label} pass stopped after position {plan.position}: "
+            f"{type(exc).__name__}: {exc}. Fix the cause and run the same command again; "
+            "it resumes from there") from exc
+
+
 async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
                       drop_old: bool = False, progress: Progress = lambda _m: None,
                       batch: int = 1000, max_rate: float | None = None,
@@ -488,12 +510,14 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
             if not plan.resume:
                 raise ValueError(f"no {projector} rebuild is in progress; nothing to abandon")
             if not dry_run:
+                book.lock()
                 await versions.drop(plan.target)
                 book.dropped(plan.target)
                 plan.dropped.append(plan.target)
             return plan
         if dry_run:
             return plan
+        book.lock()
         if not plan.resume:
             book.start(plan.target, events)
             await versions.create(plan.target, live)
@@ -502,21 +526,22 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
         store = versions.store(plan.target)
         await store.start()
         try:
-            await _pass(versions, store, plan, book, "copy", progress, batch, max_rate)
-            await _pass(versions, store, plan, book, "catch-up", progress, batch, max_rate)
+            for label in ("copy", "catch-up"):
+                await _guarded(_pass(versions, store, plan, book, label, progress, batch,
+                                     max_rate), plan, label)
             have = await versions.count(plan.target)
             if have < workflows:
                 raise RefusedCutOver(
                     f"{plan.target} holds {have} workflows, the events table {workflows}; "
-                    f"{live or 'the live version'} stays live. Look for errors above, then "
-                    "run the rebuild again (it resumes)")
+                    f"{live or 'the live version'} stays live and {plan.target} is kept for "
+                    f"inspection. `ringiflow rebuild {projector} --abandon` discards it")
             await versions.cut_over(plan.target, live)
             book.set_live(plan.target, live)
             plan.swapped_from = live
             progress(f"{plan.target} is live (was {live or 'none'})")
             # What the live projector wrote to the old version just before the switch.
-            await _pass(versions, store, plan, book, "after cut-over", progress, batch,
-                        max_rate)
+            await _guarded(_pass(versions, store, plan, book, "after cut-over", progress,
+                                 batch, max_rate), plan, "after cut-over")
         finally:
             await store.close()
         previous = sorted({v for v in await versions.existing() if v != plan.target},

@@ -19,7 +19,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from contract import EventEnvelope
+from contract import stored_envelope
 from infra.clients import opensearch_client
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
@@ -102,7 +102,7 @@ def replay(settings: Settings, group: str, scope: Scope, dry_run: bool = False,
                     "version, occurred_at, payload, aggregate, metadata FROM event_store.events "
                     "WHERE aggregate_id = ANY(%s) ORDER BY position", (ids,))
                 while rows := cur.fetchmany(batch):
-                    deliveries = [Delivery(EventEnvelope.model_validate(r), replay=True)
+                    deliveries = [Delivery(stored_envelope(r), replay=True)
                                   for r in rows]
                     deliveries = [d for d in deliveries
                                   if projection.handles(d.envelope.event_type)]

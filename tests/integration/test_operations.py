@@ -550,3 +550,35 @@ def test_a_rebuild_killed_mid_copy_resumes_and_goes_live(fresh_db: Settings) -> 
     assert (resumed["swapped_from"], resumed["target"]) == ("read_model_v1", "read_model_v2")
     assert resumed["events_done"] >= len(world.events)
     assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
+def test_a_failing_or_concurrent_rebuild_says_why_and_leaves_the_live_version(
+    fresh_db: Settings,
+) -> None:
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    world = _world_in(fresh_db, workflows=4)
+    url = libpq_url(fresh_db.database_url or "")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('ringiflow.rebuild:workflow-projector'))")
+        busy = ringiflow(fresh_db, "rebuild", "workflow-projector")
+        assert busy.returncode == 1
+        assert "another `ringiflow rebuild workflow-projector` is running" in busy.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        # An event this code cannot decode (say, written by a newer release).
+        conn.execute(
+            "INSERT INTO event_store.events (event_id, tenant_id, aggregate_type, aggregate_id, "
+            "version, event_type, schema_version, occurred_at, payload, aggregate, metadata) "
+            "SELECT gen_random_uuid(), tenant_id, aggregate_type, aggregate_id, version + 100, "
+            "'WorkflowTeleported', 1, occurred_at, payload, aggregate, metadata "
+            "FROM event_store.events WHERE aggregate_type = 'workflow' LIMIT 1")
+    failed = ringiflow(fresh_db, "rebuild", "workflow-projector")
+    assert failed.returncode == 1, failed.stderr
+    assert "the copy pass stopped after position" in failed.stderr
+    assert "WorkflowTeleported" in failed.stderr and "resumes" in failed.stderr
+    plan = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert (plan["live"], plan["resume"]) == ("read_model_v1", True)
+    assert plan["events"] == len(world.events) + 1
