@@ -571,22 +571,24 @@ def lag(
     = None,
     max_parked: Annotated[int | None, typer.Option(help="Alert above this many parked "
                                                    "aggregates in a group.")] = None,
+    max_event_age: Annotated[float | None, typer.Option(
+        help="Alert when a partition's oldest unprocessed event is older (s).")] = None,
 ) -> None:
     """Lag per consumer group and partition, parked aggregates, outbox backlog.
     Exits 1 when a threshold is crossed (or outbox rows failed)."""
     from ringiflow.lag import report
 
     result = report(_settings(data_dir).with_runtime())
-    breaches = result.breaches(max_lag, max_outbox_age, max_parked)
+    breaches = result.breaches(max_lag, max_outbox_age, max_parked, max_event_age)
     if json_out:
         _echo_json({**result.as_dict(), "breaches": breaches})
     else:
         typer.echo(f"{'group':<24} {'topic':<30} {'part':>4} {'committed':>10} {'end':>10} "
-                   f"{'lag':>8}")
+                   f"{'lag':>8} {'age (s)':>8}")
         for p in result.partitions:
             typer.echo(f"{p.group:<24} {p.topic:<30} {p.partition:>4} "
                        f"{'-' if p.committed is None else p.committed:>10} {p.end:>10} "
-                       f"{p.lag:>8}")
+                       f"{p.lag:>8} {'-' if p.event_age_s is None else p.event_age_s:>8}")
         totals: dict[str, int] = {}
         for p in result.partitions:
             totals[p.group] = totals.get(p.group, 0) + p.lag

@@ -1,11 +1,14 @@
 """`ringiflow lag`: per consumer group and partition, how far behind the topic's
-end it is; plus parked aggregates and the outbox backlog. Exits non-zero when a
+end it is and how long its next unprocessed event has waited (event age: a
+stalled consumer shows a growing age even when few records arrive); plus
+parked aggregates and the outbox backlog. Exits non-zero when a
 threshold is crossed, so it can drive an alert."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import psycopg
 from aiokafka import TopicPartition
@@ -25,6 +28,7 @@ class PartitionLag:
     committed: int | None  # None: the group has committed nothing here yet
     end: int
     lag: int
+    event_age_s: float | None = None  # age of the oldest unprocessed event; None: no lag
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,16 @@ class LagReport:
                            "oldest_pending_s": self.oldest_pending_s}}
 
     def breaches(self, max_lag: int | None, max_outbox_age_s: float | None,
-                 max_parked: int | None) -> list[str]:
+                 max_parked: int | None, max_event_age_s: float | None = None) -> list[str]:
         found = []
         if max_lag is not None:
             found += [f"{p.group} {p.topic}[{p.partition}] lag {p.lag} > {max_lag}"
                       for p in self.partitions if p.lag > max_lag]
+        if max_event_age_s is not None:
+            found += [f"{p.group} {p.topic}[{p.partition}] oldest unprocessed event waits "
+                      f"{p.event_age_s:.0f} s > {max_event_age_s:.0f} s"
+                      for p in self.partitions
+                      if p.event_age_s is not None and p.event_age_s > max_event_age_s]
         if max_outbox_age_s is not None and (self.oldest_pending_s or 0) > max_outbox_age_s:
             found.append(f"oldest outbox row waits {self.oldest_pending_s:.0f} s > "
                          f"{max_outbox_age_s:.0f} s")
@@ -55,6 +64,27 @@ class LagReport:
         if self.outbox_failed:
             found.append(f"{self.outbox_failed} outbox rows failed (ringiflow outbox status)")
         return found
+
+
+async def event_ages(bootstrap: str, positions: list[tuple[str, int, int]]) -> list[float | None]:
+    """For each (topic, partition, offset): seconds since the record there was
+    written (Kafka timestamp), None if it cannot be read."""
+    consumer = record_consumer(bootstrap)
+    await consumer.start()
+    try:
+        tps = list({TopicPartition(t, p) for t, p, _ in positions})
+        consumer.assign(tps)
+        ages: list[float | None] = []
+        for topic, partition, offset in positions:
+            tp = TopicPartition(topic, partition)
+            consumer.seek(tp, offset)
+            got = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
+            records = got.get(tp, [])
+            ages.append(max(time.time() - records[0].timestamp / 1000, 0.0) if records
+                        else None)
+        return ages
+    finally:
+        await stop_consumer(consumer)
 
 
 async def end_offsets(bootstrap: str, topics: set[str]) -> dict[tuple[str, int], int]:
@@ -91,6 +121,12 @@ def report(settings: Settings) -> LagReport:
             # Tansu's reported end can trail the last record by one: never below a commit.
             end = max(ends[(topic, partition)], done or 0)
             rows.append(PartitionLag(group, topic, partition, done, end, end - (done or 0)))
+    lagging = [i for i, p in enumerate(rows) if p.lag > 0]
+    if lagging:
+        ages = asyncio.run(event_ages(bootstrap, [
+            (rows[i].topic, rows[i].partition, rows[i].committed or 0) for i in lagging]))
+        for i, age in zip(lagging, ages, strict=True):
+            rows[i] = replace(rows[i], event_age_s=None if age is None else round(age, 1))
     with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
         parked = dict(conn.execute("SELECT consumer_group, count(*) FROM "
                                    "streams.parked_aggregates GROUP BY 1").fetchall())

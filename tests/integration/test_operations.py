@@ -61,6 +61,16 @@ def test_lag_exits_non_zero_when_a_threshold_is_crossed(settings: Settings) -> N
     assert "ALERT" in result.stderr and "lag" in result.stderr
     assert "workflow-projector" in result.stdout
 
+    time.sleep(1.5)  # the unread event ages
+    aged = ringiflow(settings, "lag", "--json", "--max-event-age", "1")
+    assert aged.returncode == 1
+    report = json.loads(aged.stdout)
+    assert any("oldest unprocessed event waits" in b for b in report["breaches"])
+    behind = [p for p in report["partitions"] if p["lag"] > 0]
+    assert behind and all(p["event_age_s"] is not None and p["event_age_s"] >= 1
+                          for p in behind)
+    assert all(p["event_age_s"] is None for p in report["partitions"] if p["lag"] == 0)
+
 
 async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
     """A real dead letter in workflow-projector: one event its store refused."""
