@@ -1,9 +1,10 @@
-"""Versioned read models: the tables move to schema read_model_v1 and
-`read_model` becomes a schema of views over the live version, so a rebuild can
-fill read_model_v2 beside it and cut over by replacing the views in one
-transaction (ADR 0005). The views are security_invoker, so row-level security
-of the tables applies to whoever reads or writes through them. Also the
-bookkeeping of rebuilds, which makes them resumable.
+"""Versioned read models behind views; rebuild bookkeeping (ADR 0005).
+
+The tables move to schema read_model_v1 and `read_model` becomes a schema of
+views over the live version, so a rebuild can fill read_model_v2 beside it and
+cut over by replacing the views in one transaction. The views are
+security_invoker, so row-level security of the tables applies to whoever reads
+or writes through them. streams.rebuilds makes rebuilds resumable.
 
 Revision ID: 0005
 """
