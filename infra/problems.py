@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger("ringiflow.api")
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://ringiflow.dev/problems/"
 
@@ -63,4 +66,19 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         problem = Problem(exc.status_code, code, str(exc.detail), str(exc.detail),
                           headers=dict(exc.headers or {}))
+        return problem_response(problem, request)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Still problem+json, so clients parse every error the same way; the
+        # traceback goes to the log, not to the caller.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if isinstance(exc, psycopg.OperationalError):
+            problem = Problem(503, "database_unavailable", "Database unavailable",
+                              "PostgreSQL could not be reached; retry shortly",
+                              headers={"Retry-After": "2"})
+        else:
+            problem = Problem(500, "internal_error", "Internal error",
+                              f"the server failed on this request ({type(exc).__name__}); "
+                              "it is in the server log")
         return problem_response(problem, request)

@@ -1,0 +1,37 @@
+"""Every error either API returns is problem+json, unexpected ones included."""
+
+from __future__ import annotations
+
+import httpx
+import psycopg
+from fastapi import FastAPI
+
+from infra.problems import PROBLEM_JSON, install
+
+
+async def get_failing_with(exc: Exception) -> httpx.Response:
+    app = FastAPI()
+    install(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise exc
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        return await client.get("/boom")
+
+
+async def test_an_unexpected_error_is_a_500_problem_without_the_traceback() -> None:
+    r = await get_failing_with(KeyError("secret-internal-detail"))
+    assert r.status_code == 500
+    assert r.headers["content-type"] == PROBLEM_JSON
+    body = r.json()
+    assert body["code"] == "internal_error" and "KeyError" in body["detail"]
+    assert "secret-internal-detail" not in r.text
+
+
+async def test_an_unreachable_database_is_a_503_with_retry_after() -> None:
+    r = await get_failing_with(psycopg.OperationalError("connection refused"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+    assert r.json()["code"] == "database_unavailable"
