@@ -20,6 +20,8 @@ old version in the moment before; from then on it writes the new one."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import re
 import time
 from abc import ABC, abstractmethod
@@ -42,6 +44,7 @@ from projectors.projection import Delivery, NonRetryable, Retryable, Store
 from projectors.search_store import SearchStore, index_body
 from projectors.workflow_store import WorkflowStore
 
+log = logging.getLogger("ringiflow.rebuild")
 Progress = Callable[[str], None]
 READ_MODEL_TABLES = ("workflow_read_models", "workflow_steps", "workflow_history", "my_tasks",
                      "users", "definitions")
@@ -173,27 +176,35 @@ class PostgresVersions(Versions):
                 sql.Identifier(target, "workflow_read_models"))).fetchone()[0]  # type: ignore[index]
 
     async def cut_over(self, target: str, live: str | None) -> None:
-        """Replace every view in one transaction. The lock wait is kept below
-        deadlock_timeout, so if it collides with a reader it is this statement
-        that gives up (and tries again), never the reader's query."""
+        """Replace every view in one transaction. All six locks are taken by one
+        statement bounded below deadlock_timeout: if it collides with readers or
+        the live projector, it is this transaction that gives up (and tries
+        again), never their statements, and nobody queues behind it for long."""
+        views = sql.SQL(", ").join(sql.Identifier("read_model", t) for t in READ_MODEL_TABLES)
         for attempt in range(40):
             try:
                 with self._connect() as conn, conn.transaction():
-                    conn.execute("SET LOCAL lock_timeout = '400ms'")
+                    conn.execute("SET LOCAL statement_timeout = '300ms'")
+                    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(views))
+                    conn.execute("SET LOCAL statement_timeout = 0")
                     for table in READ_MODEL_TABLES:
                         conn.execute(sql.SQL(
                             "CREATE OR REPLACE VIEW {} WITH (security_invoker = true) AS "
                             "SELECT * FROM {}").format(sql.Identifier("read_model", table),
                                                        sql.Identifier(target, table)))
                 return
-            except psycopg.errors.LockNotAvailable:
+            except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise RefusedCutOver("could not replace the read_model views: readers or the live "
                              "projector held them for 40 attempts; retry when quieter")
 
     async def drop(self, version: str) -> None:
-        with self._connect(autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+        # RESTRICT: if the read_model views still used these tables, this fails
+        # instead of taking the views with it.
+        with self._connect() as conn, conn.transaction():
+            tables = sql.SQL(", ").join(sql.Identifier(version, t) for t in READ_MODEL_TABLES)
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} RESTRICT").format(tables))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(
                 sql.Identifier(version)))
 
 
@@ -368,13 +379,14 @@ class Bookkeeping:
         return self.conn.execute("SELECT * FROM streams.rebuilds WHERE projector = %s "
                                  "AND status = 'building'", (self.projector,)).fetchone()
 
-    def start(self, target: str, events: int) -> None:
+    def start(self, target: str, replaces: str | None, events: int) -> None:
         self.conn.execute(
-            "INSERT INTO streams.rebuilds (projector, target, status, events_total) "
-            "VALUES (%s, %s, 'building', %s) ON CONFLICT (projector, target) DO UPDATE "
-            "SET status = 'building', events_total = EXCLUDED.events_total, position = 0, "
-            "open_xmin = NULL, events_done = 0, started_at = clock_timestamp()",
-            (self.projector, target, events))
+            "INSERT INTO streams.rebuilds (projector, target, replaces, status, events_total) "
+            "VALUES (%s, %s, %s, 'building', %s) ON CONFLICT (projector, target) DO UPDATE "
+            "SET status = 'building', replaces = EXCLUDED.replaces, "
+            "events_total = EXCLUDED.events_total, position = 0, open_xmin = NULL, "
+            "events_done = 0, started_at = clock_timestamp()",
+            (self.projector, target, replaces, events))
 
     def progress(self, plan: Rebuild) -> None:
         self.conn.execute(
@@ -414,10 +426,10 @@ def _counts(database_url: str, aggregate_types: tuple[str, ...]) -> tuple[int, i
     return row[0], row[1]  # type: ignore[index]
 
 
-async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeeping,
-                label: str, progress: Progress, batch: int, max_rate: float | None) -> int:
+async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeeping, *,
+                label: str, handles: Callable[[str], bool], progress: Progress, batch: int,
+                max_rate: float | None) -> int:
     """Apply every event not yet covered, in position order; returns how many."""
-    projection = CATALOGUE[versions.projector](versions.settings)
     started, done, start_position = time.monotonic(), 0, plan.position
     with psycopg.connect(versions.database_url, row_factory=dict_row) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -438,7 +450,7 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
             rows = cur.fetchmany(batch)
             deliveries = [Delivery(stored_envelope(
                 {k: v for k, v in r.items() if k != "position"}), replay=True) for r in rows]
-            return rows, [d for d in deliveries if projection.handles(d.envelope.event_type)]
+            return rows, [d for d in deliveries if handles(d.envelope.event_type)]
 
         # Read and decode batch N+1 (PostgreSQL and a thread) while batch N is applied.
         ahead = asyncio.ensure_future(asyncio.to_thread(fetch))
@@ -468,6 +480,8 @@ async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeepi
         finally:
             if not ahead.done():  # the cursor must be idle before its connection closes
                 await asyncio.wait([ahead])
+            if not ahead.cancelled() and ahead.exception() is not None:
+                log.debug("prefetch after the failure: %s", ahead.exception())
     # Everything this snapshot saw is applied; what it could not see is >= xmin.
     plan.open_xmin = xmin
     book.progress(plan)
@@ -495,57 +509,69 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
     book = Bookkeeping(versions.database_url, projector)
     started = time.monotonic()
     try:
+        if not dry_run:
+            book.lock()
         live = await versions.live()
         events, workflows = _counts(versions.database_url, versions.aggregate_types)
         unfinished = book.building()
         if unfinished:
-            plan = Rebuild(projector, live, unfinished["target"], True, events, workflows,
-                           unfinished["position"], unfinished["open_xmin"],
+            plan = Rebuild(projector, unfinished["replaces"], unfinished["target"], True,
+                           events, workflows, unfinished["position"], unfinished["open_xmin"],
                            unfinished["events_done"])
         else:
             target = versions.next_version([*await versions.existing(), *([live] if live
                                                                           else [])])
             plan = Rebuild(projector, live, target, False, events, workflows)
+        # Cut over already (crashed in the pass after it): only that pass is left.
+        switched = plan.resume and plan.target == live
         if abandon:
             if not plan.resume:
                 raise ValueError(f"no {projector} rebuild is in progress; nothing to abandon")
+            if switched:
+                raise ValueError(f"{plan.target} is already live; run `ringiflow rebuild "
+                                 f"{projector}` to finish it (nothing to abandon)")
             if not dry_run:
-                book.lock()
                 await versions.drop(plan.target)
                 book.dropped(plan.target)
                 plan.dropped.append(plan.target)
             return plan
         if dry_run:
             return plan
-        book.lock()
         if not plan.resume:
-            book.start(plan.target, events)
+            # Created before it is recorded: a recorded target always exists.
             await versions.create(plan.target, live)
+            book.start(plan.target, live, events)
         progress(f"{'resuming' if plan.resume else 'building'} {plan.target} "
                  f"(live: {live or 'none'}) from {events:,} events")
+        declared = CATALOGUE[projector](settings)
+        await declared.store.close()  # only its declaration (which events) is needed
         store = versions.store(plan.target)
-        await store.start()
         try:
-            for label in ("copy", "catch-up"):
-                await _guarded(_pass(versions, store, plan, book, label, progress, batch,
-                                     max_rate), plan, label)
-            have = await versions.count(plan.target)
-            if have < workflows:
-                raise RefusedCutOver(
-                    f"{plan.target} holds {have} workflows, the events table {workflows}; "
-                    f"{live or 'the live version'} stays live and {plan.target} is kept for "
-                    f"inspection. `ringiflow rebuild {projector} --abandon` discards it")
-            await versions.cut_over(plan.target, live)
-            book.set_live(plan.target, live)
-            plan.swapped_from = live
-            progress(f"{plan.target} is live (was {live or 'none'})")
-            # What the live projector wrote to the old version just before the switch.
-            await _guarded(_pass(versions, store, plan, book, "after cut-over", progress,
-                                 batch, max_rate), plan, "after cut-over")
+            await store.start()
+            copy = functools.partial(_pass, versions, store, plan, book,
+                                     handles=declared.handles, progress=progress, batch=batch,
+                                     max_rate=max_rate)
+            if not switched:
+                for label in ("copy", "catch-up"):
+                    await _guarded(copy(label=label), plan, label)
+                have = await versions.count(plan.target)
+                if have < workflows:
+                    raise RefusedCutOver(
+                        f"{plan.target} holds {have} workflows, the events table {workflows}; "
+                        f"{live or 'the live version'} stays live and {plan.target} is kept "
+                        f"for inspection. `ringiflow rebuild {projector} --abandon` discards it")
+                await versions.cut_over(plan.target, live)
+                progress(f"{plan.target} is live (was {plan.live or 'none'})")
+            # What the live projector wrote to the old version just before the switch;
+            # until this pass is done the rebuild stays resumable (status building).
+            await _guarded(copy(label="after cut-over"), plan, "after cut-over")
+            book.set_live(plan.target, plan.live)
+            plan.swapped_from = plan.live
         finally:
             await store.close()
-        previous = sorted({v for v in await versions.existing() if v != plan.target},
-                          key=_number)
+        now_live = await versions.live()
+        previous = sorted({v for v in await versions.existing()
+                           if v not in (plan.target, now_live)}, key=_number)
         for version in previous if drop_old else []:
             await versions.drop(version)
             book.dropped(version)

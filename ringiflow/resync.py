@@ -16,12 +16,14 @@ from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 
 from contract import stored_envelope
-from infra.clients import opensearch_client
+from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
+from projectors.cache_store import LIVE, NAMESPACE_KEY, RESOLVE_NAMESPACE, live_namespace
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery
 
@@ -185,8 +187,6 @@ def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, i
 
 
 async def _verify_cache(settings: Settings, tenant: UUID | None) -> list[Difference]:
-    from infra.clients import redis_client
-    from projectors.cache_store import live_namespace
 
     rows = _newest_snapshots(settings, tenant)
     today = datetime.now(UTC).date()
@@ -287,7 +287,8 @@ def verify(settings: Settings, projector: str, tenant: UUID | None = None) -> li
 def repair(settings: Settings, projector: str, tenant: UUID | None,
            differences: list[Difference]) -> list[UUID]:
     """Forget exactly the aggregates that differ and replay them from the events
-    table; for the cache, recompute the tenant counters the snapshots imply."""
+    table; for the cache, then recount the tenants' pending counter from the
+    cache's own per-workflow statuses."""
     ids = sorted({d.aggregate_id for d in differences if not d.field.startswith("stats.")},
                  key=str)
     asyncio.run(_forget(settings, projector, ids))
@@ -295,27 +296,36 @@ def repair(settings: Settings, projector: str, tenant: UUID | None,
         replay(settings, projector, Scope(tenant=tenant, aggregate=aggregate))
     if projector == "cache-projector":
         tenants = {d.aggregate_id for d in differences if d.field.startswith("stats.")}
-        rows = _newest_snapshots(settings, tenant)
-        tenants |= {r["tenant_id"] for r in rows if r["aggregate_id"] in set(ids)}
-        asyncio.run(_recount(settings, tenants, [r for r in rows if r["tenant_id"] in tenants]))
+        tenants |= {t for t, _ in aggregates_in_ids(settings, ids).items()}
+        skewed_days = {d.aggregate_id for d in differences
+                       if d.field == "stats.completed_today"}
+        asyncio.run(_recount(settings, tenants, skewed_days, tenant))
     return ids
 
 
 async def _forget(settings: Settings, projector: str, ids: list[UUID]) -> None:
     """A cached copy with a wrong, higher version would shadow the replay: drop it
-    first. (The PostgreSQL store does this itself in replay.)"""
+    first, taking it out of the counters it was in, so the replay counts it once.
+    (The PostgreSQL store does this itself in replay.)"""
     if projector == "cache-projector":
-        from infra.clients import redis_client
-        from projectors.cache_store import live_namespace
 
-        by_tenant = aggregates_in_ids(settings, ids)
+        newest = {r["aggregate_id"]: r["aggregate"] for r in _newest_snapshots(settings, None)
+                  if r["aggregate_id"] in set(ids)}
         client = redis_client(settings.require("redis_url"))
         try:
             ns = await live_namespace(client)
-            for t, wids in by_tenant.items():
+            for t, wids in aggregates_in_ids(settings, ids).items():
                 for wid in wids:
-                    if (await client.hget(f"{ns}wfstatus:{t}", str(wid))) == b"in_progress":
+                    status = await client.hget(f"{ns}wfstatus:{t}", str(wid))
+                    if status == b"in_progress":
                         await client.hincrby(f"{ns}stats:{t}", "pending", -1)
+                    elif status in (b"approved", b"rejected"):
+                        cached = await client.get(f"{ns}workflow:{t}:{wid}")
+                        done = (orjson.loads(cached) if cached else newest.get(wid, {})) \
+                            .get("completed_at")
+                        day = f"{ns}stats:{t}:completed:{_day_of(done)}"
+                        if done and await client.exists(day):
+                            await client.decr(day)
                     await client.hdel(f"{ns}wfver:{t}", str(wid))
                     await client.hdel(f"{ns}wfstatus:{t}", str(wid))
                     await client.zrem(f"{ns}overdue:{t}", str(wid))
@@ -326,6 +336,11 @@ async def _forget(settings: Settings, projector: str, ids: list[UUID]) -> None:
     # overwritten by the replay. One with a *newer* external version than the
     # event store cannot be, by design of external versioning; a deleted one
     # leaves a tombstone with a newer version too. Those need a rebuild.
+
+
+def _day_of(timestamp: str | None) -> str:
+    return datetime.fromisoformat(timestamp).astimezone(UTC).date().isoformat() \
+        if timestamp else "none"
 
 
 def aggregates_in_ids(settings: Settings, ids: list[UUID]) -> dict[UUID, list[UUID]]:
@@ -339,19 +354,36 @@ def aggregates_in_ids(settings: Settings, ids: list[UUID]) -> dict[UUID, list[UU
     return by_tenant
 
 
-async def _recount(settings: Settings, tenants: set[UUID], rows: list[dict[str, Any]]) -> None:
-    from infra.clients import redis_client
-    from projectors.cache_store import live_namespace
+# Pending is a function of the statuses the cache holds; counted inside Redis,
+# atomically with respect to the projector's own scripts, so it cannot drift
+# against events the projector applies meanwhile.
+RECOUNT_PENDING = RESOLVE_NAMESPACE + """
+local n = 0
+for _, status in ipairs(redis.call('HVALS', ns .. 'wfstatus:' .. ARGV[2])) do
+    if status == 'in_progress' then n = n + 1 end
+end
+redis.call('HSET', ns .. 'stats:' .. ARGV[2], 'pending', n)
+return n
+"""
 
-    today = datetime.now(UTC).date()
+
+async def _recount(settings: Settings, tenants: set[UUID], skewed_days: set[UUID],
+                   scope: UUID | None) -> None:
+
     client = redis_client(settings.require("redis_url"))
     try:
-        ns = await live_namespace(client)
-        counted = _counters(rows, today)
+        recount = client.register_script(RECOUNT_PENDING)
         for t in tenants:
-            counters = counted.get(t, {"pending": 0, "completed_today": 0})
-            await client.hset(f"{ns}stats:{t}", "pending", counters["pending"])
-            await client.set(f"{ns}stats:{t}:completed:{today}", counters["completed_today"],
-                             ex=8 * 86400)
+            await recount(keys=[NAMESPACE_KEY], args=[LIVE, str(t)])
+        if skewed_days:
+            # Completion days are not kept per workflow in the cache: today's
+            # counter is set from the events table (exact when the projector is
+            # caught up, which is when verify is meant to run).
+            today = datetime.now(UTC).date()
+            counted = _counters(_newest_snapshots(settings, scope), today)
+            ns = await live_namespace(client)
+            for t in skewed_days:
+                await client.set(f"{ns}stats:{t}:completed:{today}",
+                                 counted.get(t, {}).get("completed_today", 0), ex=8 * 86400)
     finally:
         await client.aclose()

@@ -664,3 +664,33 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
     assert versions == {late.aggregate_id: late.version,
                         neighbour.aggregate_id: neighbour.version,
                         at_cut_over.aggregate_id: at_cut_over.version}
+
+
+async def test_a_rebuild_that_fails_after_its_cut_over_finishes_on_the_next_run(
+    fresh_db: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ringiflow.rebuild as rebuild_module
+    from projectors.projection import Retryable
+
+    _world_in(fresh_db, workflows=4)
+    original = rebuild_module._pass
+
+    async def fails_after_the_switch(*args: object, **kwargs: object) -> int:
+        if kwargs["label"] == "after cut-over":
+            raise Retryable("PostgreSQL deadlock detected (40P01)")
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rebuild_module, "_pass", fails_after_the_switch)
+    with pytest.raises(rebuild_module.RebuildFailed, match="after cut-over pass stopped"):
+        await rebuild_module.run_rebuild(fresh_db, "workflow-projector")
+    monkeypatch.undo()
+    plan = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--dry-run",
+                                "--json").stdout)
+    assert (plan["target"], plan["resume"]) == ("read_model_v2", True)
+    refused = ringiflow(fresh_db, "rebuild", "workflow-projector", "--abandon")
+    assert refused.returncode == 2 and "already live" in refused.stderr
+    assert _schemas(fresh_db) == ["read_model_v1", "read_model_v2"]
+    finished = json.loads(ringiflow(fresh_db, "rebuild", "workflow-projector", "--json").stdout)
+    assert (finished["target"], finished["swapped_from"]) == ("read_model_v2", "read_model_v1")
+    assert finished["kept"] == ["read_model_v1"]
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0

@@ -37,6 +37,7 @@ def upgrade() -> None:
         CREATE TABLE streams.rebuilds (
             projector     text        NOT NULL,
             target        text        NOT NULL,
+            replaces      text,       -- the version live when the rebuild started
             status        text        NOT NULL CHECK (status IN ('building', 'live',
                                                                  'retired', 'dropped')),
             events_total  bigint      NOT NULL DEFAULT 0,
