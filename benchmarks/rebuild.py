@@ -1,27 +1,29 @@
 """Blue/green rebuild throughput (issue 7).
 
-    python -m benchmarks.rebuild [--workflows 3000]
+    python -m benchmarks.rebuild [--workflows 3000] [--rounds 3]
 
 Realistic workflows (the real domain) are appended to the events table of an
 embedded stack. For each versioned read model:
   * baseline, same run: the same events, already in memory, applied straight to
-    the live version through the store's batched apply (no reading, no
+    a fresh scratch version through the store's batched apply (no reading, no
     bookkeeping) -- what the store itself can take;
-  * rebuild: `ringiflow rebuild <projector>` end to end -- reading the events
-    table in passes, the new version, bookkeeping, check and cut-over.
+  * rebuild: `ringiflow rebuild <projector> --drop-old` end to end -- reading the
+    events table in passes, the new version, bookkeeping, check and cut-over.
+Medians over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
 from benchmarks.common import embedded_stack
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery
-from ringiflow.rebuild import run_rebuild
+from ringiflow.rebuild import VERSIONS, run_rebuild
 from tests.events import append
 from tests.scenarios import build_world
 
@@ -38,33 +40,44 @@ def seed(settings: Settings, workflows: int) -> list[Delivery]:
     return deliveries
 
 
-async def baseline(settings: Settings, projector: str, deliveries: list[Delivery]) -> float:
-    projection = CATALOGUE[projector](settings)
-    mine = [d for d in deliveries if projection.handles(d.envelope.event_type)]
-    await projection.store.start()
+async def baseline(settings: Settings, projector: str, deliveries: list[Delivery],
+                   scratch_number: int) -> float:
+    versions = VERSIONS[projector](settings)
+    scratch = versions.named(scratch_number)
+    await versions.create(scratch, await versions.live())
+    handles = CATALOGUE[projector](settings).handles
+    mine = [d for d in deliveries if handles(d.envelope.event_type)]
+    store = versions.store(scratch)
+    await store.start()
     started = time.perf_counter()
     for start in range(0, len(mine), 1000):
-        await projection.store.apply(mine[start:start + 1000])
+        await store.apply(mine[start:start + 1000])
     elapsed = time.perf_counter() - started
-    await projection.store.close()
+    await store.close()
+    await versions.drop(scratch)
+    await versions.close()
     return len(mine) / elapsed
 
 
-async def main(workflows: int) -> None:
+async def main(workflows: int, rounds: int) -> None:
     with embedded_stack() as settings:
         deliveries = seed(settings, workflows)
-        print(f"{len(deliveries):,} events of {workflows:,} workflows in the events table")
+        print(f"{len(deliveries):,} events of {workflows:,} workflows in the events table; "
+              f"medians of {rounds} rounds")
         for projector in PROJECTORS:
-            raw = await baseline(settings, projector, deliveries)
-            result = await run_rebuild(settings, projector)
-            rate = result.events_done / result.seconds
-            print(f"{projector:<20} rebuild {rate:>8,.0f} events/s ({result.events_done:,} "
-                  f"in {result.seconds:.1f} s, {result.swapped_from} -> {result.target})  "
-                  f"store alone {raw:>8,.0f} events/s  = {rate / raw:.2f} x")
+            rebuilt, raw = [], []
+            for round_ in range(rounds):
+                raw.append(await baseline(settings, projector, deliveries, 900 + round_))
+                result = await run_rebuild(settings, projector, drop_old=True)
+                rebuilt.append(result.events_done / result.seconds)
+            rate, alone = statistics.median(rebuilt), statistics.median(raw)
+            print(f"{projector:<20} rebuild {rate:>8,.0f} events/s   store alone "
+                  f"{alone:>8,.0f} events/s   = {rate / alone:.2f} x")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--workflows", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.workflows))
+    asyncio.run(main(args.workflows, args.rounds))

@@ -569,6 +569,7 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
             plan.swapped_from = plan.live
         finally:
             await store.close()
+        plan.seconds = round(time.monotonic() - started, 2)  # building and going live
         now_live = await versions.live()
         previous = sorted({v for v in await versions.existing()
                            if v not in (plan.target, now_live)}, key=_number)
@@ -577,7 +578,6 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
             book.dropped(version)
             plan.dropped.append(version)
         plan.kept = [v for v in previous if v not in plan.dropped]
-        plan.seconds = round(time.monotonic() - started, 2)
         return plan
     finally:
         book.close()
