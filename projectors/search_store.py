@@ -74,9 +74,7 @@ class SearchStore:
         self.alias = alias
 
     async def start(self) -> None:
-        # A rebuild writes straight into the index it built (ADR 0005).
-        if not await self.client.indices.exists(index=self.alias):
-            await ensure_index(self.client, self.alias)
+        await ensure_index(self.client, self.alias)
 
     async def close(self) -> None:
         await self.client.close()
@@ -122,21 +120,26 @@ class SearchStore:
             raise Retryable("OpenSearch could not index now: " + "; ".join(retryable[:5]))
 
 
-async def ensure_index(client: AsyncOpenSearch, alias: str) -> str:
-    """Create the first versioned index behind the alias if there is none."""
-    if await client.indices.exists_alias(name=alias):
-        return alias
-    index = f"{alias}-v{INDEX_VERSION}"
+async def create_index(client: AsyncOpenSearch, index: str) -> None:
+    """An index with kuromoji analysis, or cjk bigrams where the server lacks it."""
     for tokenizer in ("kuromoji_tokenizer", "standard"):
         try:
             await client.indices.create(index=index, body=index_body(tokenizer))
-            break
+            return
         except RequestError as exc:
             if "resource_already_exists" in str(exc):
-                break
+                return
             log.warning("index with %s analysis refused (%s); falling back", tokenizer, exc)
-    else:
-        raise NonRetryable(f"could not create index {index}")
+    raise NonRetryable(f"could not create index {index}")
+
+
+async def ensure_index(client: AsyncOpenSearch, alias: str) -> str:
+    """Create the first versioned index behind the alias if there is none. A name
+    that already is an index (a rebuild's target, ADR 0005) is used as it is."""
+    if await client.indices.exists(index=alias):  # an alias or an index
+        return alias
+    index = f"{alias}-v{INDEX_VERSION}"
+    await create_index(client, index)
     try:
         await client.indices.put_alias(index=index, name=alias)
     except RequestError as exc:  # a concurrent worker created it

@@ -418,7 +418,8 @@ def _scope(tenant: UUID | None, aggregate: UUID | None, since: str | None,
     from ringiflow.resync import Scope
 
     f = _filters(None, None, None, None, since, until)
-    return Scope(tenant, aggregate, f.since, f.until)  # type: ignore[attr-defined]
+    return Scope(tenant, (aggregate,) if aggregate else None, f.since,  # type: ignore[attr-defined]
+                 f.until)
 
 
 Projector = Annotated[str, typer.Argument(help="workflow-projector, cache-projector, "

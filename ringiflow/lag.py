@@ -66,39 +66,6 @@ class LagReport:
         return found
 
 
-async def event_ages(bootstrap: str, positions: list[tuple[str, int, int]]) -> list[float | None]:
-    """For each (topic, partition, offset): seconds since the record there was
-    written (Kafka timestamp), None if it cannot be read."""
-    consumer = record_consumer(bootstrap)
-    await consumer.start()
-    try:
-        tps = list({TopicPartition(t, p) for t, p, _ in positions})
-        consumer.assign(tps)
-        ages: list[float | None] = []
-        for topic, partition, offset in positions:
-            tp = TopicPartition(topic, partition)
-            consumer.seek(tp, offset)
-            got = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
-            records = got.get(tp, [])
-            ages.append(max(time.time() - records[0].timestamp / 1000, 0.0) if records
-                        else None)
-        return ages
-    finally:
-        await stop_consumer(consumer)
-
-
-async def end_offsets(bootstrap: str, topics: set[str]) -> dict[tuple[str, int], int]:
-    consumer = record_consumer(bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)
-               or ()]
-        return {(tp.topic, tp.partition): end
-                for tp, end in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await stop_consumer(consumer)
-
-
 def committed_offsets(bootstrap: str, group: str,
                       partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
     admin = admin_client(bootstrap)
@@ -108,25 +75,42 @@ def committed_offsets(bootstrap: str, group: str,
             for tp in result.topic_partitions}
 
 
+async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list[PartitionLag]:
+    """Lag of every group on every partition it reads, and for the lagging ones the
+    age of the next unprocessed record (its Kafka timestamp); one consumer for all."""
+    consumer = record_consumer(bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in {t for ts in groups.values() for t in ts}
+               for p in consumer.partitions_for_topic(t) or ()]
+        ends = {(tp.topic, tp.partition): end
+                for tp, end in (await consumer.end_offsets(tps)).items()}
+        rows: list[PartitionLag] = []
+        for group, topics in groups.items():
+            mine = [key for key in ends if key[0] in topics]
+            committed = committed_offsets(bootstrap, group, mine)
+            for topic, partition in sorted(mine):
+                done = committed.get((topic, partition))
+                # Tansu's reported end can trail the last record by one: never below a commit.
+                end = max(ends[(topic, partition)], done or 0)
+                rows.append(PartitionLag(group, topic, partition, done, end, end - (done or 0)))
+        consumer.assign(tps)
+        for i, row in enumerate(rows):
+            if row.lag > 0:
+                tp = TopicPartition(row.topic, row.partition)
+                consumer.seek(tp, row.committed or 0)
+                records = (await consumer.getmany(tp, timeout_ms=2000, max_records=1)).get(tp)
+                if records:
+                    age = max(time.time() - records[0].timestamp / 1000, 0.0)
+                    rows[i] = replace(row, event_age_s=round(age, 1))
+        return rows
+    finally:
+        await stop_consumer(consumer)
+
+
 def report(settings: Settings) -> LagReport:
-    bootstrap = settings.require("kafka_bootstrap")
     groups = {group: CATALOGUE[group](settings).topics for group in CATALOGUE}
-    ends = asyncio.run(end_offsets(bootstrap, {t for ts in groups.values() for t in ts}))
-    rows: list[PartitionLag] = []
-    for group, topics in groups.items():
-        mine = [key for key in ends if key[0] in topics]
-        committed = committed_offsets(bootstrap, group, mine)
-        for topic, partition in sorted(mine):
-            done = committed.get((topic, partition))
-            # Tansu's reported end can trail the last record by one: never below a commit.
-            end = max(ends[(topic, partition)], done or 0)
-            rows.append(PartitionLag(group, topic, partition, done, end, end - (done or 0)))
-    lagging = [i for i, p in enumerate(rows) if p.lag > 0]
-    if lagging:
-        ages = asyncio.run(event_ages(bootstrap, [
-            (rows[i].topic, rows[i].partition, rows[i].committed or 0) for i in lagging]))
-        for i, age in zip(lagging, ages, strict=True):
-            rows[i] = replace(rows[i], event_age_s=None if age is None else round(age, 1))
+    rows = asyncio.run(partitions(settings.require("kafka_bootstrap"), groups))
     with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
         parked = dict(conn.execute("SELECT consumer_group, count(*) FROM "
                                    "streams.parked_aggregates GROUP BY 1").fetchall())

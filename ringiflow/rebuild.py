@@ -36,12 +36,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from contract import stored_envelope
-from infra.clients import opensearch_client
+from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import NAMESPACE_KEY, CacheStore
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery, NonRetryable, Retryable, Store
-from projectors.search_store import SearchStore, index_body
+from projectors.search_store import SearchStore, create_index
 from projectors.workflow_store import WorkflowStore
 
 log = logging.getLogger("ringiflow.rebuild")
@@ -218,8 +218,6 @@ class RedisVersions(Versions):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        from infra.clients import redis_client
-
         self.client = redis_client(settings.require("redis_url"))
 
     @staticmethod
@@ -308,13 +306,10 @@ class SearchVersions(Versions):
     async def create(self, target: str, live: str | None) -> None:
         if await self.client.indices.exists(index=target):
             await self.client.indices.delete(index=target)  # an unrecorded earlier attempt
-        for tokenizer in ("kuromoji_tokenizer", "standard"):
-            try:
-                await self.client.indices.create(index=target, body=index_body(tokenizer))
-                return
-            except Exception as exc:  # the server lacks the plugin: cjk bigrams instead
-                last = exc
-        raise RuntimeError(f"could not create index {target}: {last}")
+        try:
+            await create_index(self.client, target)
+        except NonRetryable as exc:  # the CLI reports RuntimeErrors as errors, exit 2
+            raise RuntimeError(str(exc)) from exc
 
     def store(self, target: str) -> Store:
         return SearchStore(self.settings.require("opensearch_url"), alias=target)

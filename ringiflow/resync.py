@@ -33,14 +33,15 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class Scope:
     tenant: UUID | None = None
-    aggregate: UUID | None = None
+    aggregates: tuple[UUID, ...] | None = None
     since: datetime | None = None
     until: datetime | None = None
 
     def where(self) -> tuple[str, list[Any]]:
         clauses, params = ["true"], []
         for clause, value in (("tenant_id = %s", self.tenant),
-                              ("aggregate_id = %s", self.aggregate),
+                              ("aggregate_id = ANY(%s)",
+                               list(self.aggregates) if self.aggregates else None),
                               ("occurred_at >= %s", self.since),
                               ("occurred_at < %s", self.until)):
             if value is not None:
@@ -131,15 +132,32 @@ class Difference:
     actual: Any
 
 
-def _newest_snapshots(settings: Settings, tenant: UUID | None) -> list[dict[str, Any]]:
-    """tenant_id, aggregate_id, version and snapshot of every workflow's newest event."""
-    where = "aggregate_type = 'workflow'" + (" AND tenant_id = %s" if tenant else "")
+def _newest_snapshots(settings: Settings, scope: Scope) -> list[dict[str, Any]]:
+    """tenant_id, aggregate_id, version and snapshot of each workflow's newest event."""
+    where, params = scope.where()
     with psycopg.connect(libpq_url(settings.require("database_url")),
                          row_factory=dict_row) as conn:
         return conn.execute(
             "SELECT DISTINCT ON (aggregate_id) tenant_id, aggregate_id, version, aggregate "
-            f"FROM event_store.events WHERE {where} ORDER BY aggregate_id, version DESC",
-            [tenant] if tenant else []).fetchall()
+            f"FROM event_store.events WHERE aggregate_type = 'workflow' AND {where} "
+            "ORDER BY aggregate_id, version DESC", params).fetchall()
+
+
+def _compare(rows: list[dict[str, Any]], actual: dict[UUID, dict[str, Any]], kind: str,
+             wanted: Callable[[dict[str, Any]], dict[str, Any]]) -> list[Difference]:
+    """Each workflow's expected fields against the read model's copy (consumed from
+    `actual`); copies with no workflow behind them are differences too."""
+    differences = []
+    for row in rows:
+        wid = row["aggregate_id"]
+        have = actual.pop(wid, None)
+        if have is None:
+            differences.append(Difference(wid, kind, "present", "missing"))
+            continue
+        differences += [Difference(wid, name, value, have.get(name))
+                        for name, value in wanted(row).items()
+                        if not _same(have.get(name), value)]
+    return differences + [Difference(wid, kind, "absent", "present") for wid in actual]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -155,20 +173,10 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
             "SELECT id, status, title, priority, last_event_version, current_assignee_id "
             "FROM read_model.workflow_read_models" + (" WHERE tenant_id = %s" if tenant else ""),
             [tenant] if tenant else []).fetchall()}
-    differences = []
-    for row in _newest_snapshots(settings, tenant):
-        snapshot, wid = row["aggregate"], row["aggregate_id"]
-        have = actual.pop(wid, None)
-        if have is None:
-            differences.append(Difference(wid, "row", "present", "missing"))
-            continue
-        wanted = {"last_event_version": row["version"], "status": snapshot["status"],
-                  "title": snapshot["title"], "priority": snapshot["priority"],
-                  "current_assignee_id": snapshot.get("current_assignee_id")}
-        differences += [Difference(wid, name, value, have[name])
-                        for name, value in wanted.items() if not _same(have[name], value)]
-    differences += [Difference(wid, "row", "absent", "present") for wid in actual]
-    return differences
+    return _compare(_newest_snapshots(settings, Scope(tenant)), actual, "row", lambda row: {
+        "last_event_version": row["version"], "status": row["aggregate"]["status"],
+        "title": row["aggregate"]["title"], "priority": row["aggregate"]["priority"],
+        "current_assignee_id": row["aggregate"].get("current_assignee_id")})
 
 
 def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, int]]:
@@ -188,32 +196,21 @@ def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, i
 
 async def _verify_cache(settings: Settings, tenant: UUID | None) -> list[Difference]:
 
-    rows = _newest_snapshots(settings, tenant)
+    rows = _newest_snapshots(settings, Scope(tenant))
     today = datetime.now(UTC).date()
     client = redis_client(settings.require("redis_url"))
-    differences: list[Difference] = []
     try:
         ns = await live_namespace(client)
         tenants = {r["tenant_id"] for r in rows} | ({tenant} if tenant else set())
-        versions, statuses = {}, {}
+        actual: dict[UUID, dict[str, Any]] = {}
         for t in tenants:
-            versions[t] = {UUID(k.decode()): int(v) for k, v in
-                           (await client.hgetall(f"{ns}wfver:{t}")).items()}
-            statuses[t] = {UUID(k.decode()): v.decode() for k, v in
-                           (await client.hgetall(f"{ns}wfstatus:{t}")).items()}
-        for row in rows:
-            t, wid = row["tenant_id"], row["aggregate_id"]
-            have = versions[t].pop(wid, None)
-            if have is None:
-                differences.append(Difference(wid, "cached", "present", "missing"))
-                continue
-            if have != row["version"]:
-                differences.append(Difference(wid, "version", row["version"], have))
-            status = row["aggregate"]["status"]
-            if statuses[t].get(wid) != status:
-                differences.append(Difference(wid, "status", status, statuses[t].get(wid)))
-        differences += [Difference(wid, "cached", "absent", "present")
-                        for t in tenants for wid in versions[t]]
+            statuses = await client.hgetall(f"{ns}wfstatus:{t}")
+            for wid, version in (await client.hgetall(f"{ns}wfver:{t}")).items():
+                actual[UUID(wid.decode())] = {"version": int(version),
+                                              "status": (statuses.get(wid) or b"").decode()
+                                              or None}
+        differences = _compare(rows, actual, "cached", lambda row: {
+            "version": row["version"], "status": row["aggregate"]["status"]})
         expected = _counters(rows, today)
         for t in tenants:
             pending = int(await client.hget(f"{ns}stats:{t}", "pending") or 0)
@@ -255,19 +252,9 @@ async def _verify_search(settings: Settings, tenant: UUID | None) -> list[Differ
         actual = await _search_documents(client, settings.search_alias, tenant)
     finally:
         await client.close()
-    differences = []
-    for row in _newest_snapshots(settings, tenant):
-        wid = row["aggregate_id"]
-        have = actual.pop(wid, None)
-        if have is None:
-            differences.append(Difference(wid, "document", "present", "missing"))
-            continue
-        for name, value in (("version", row["version"]),
-                            ("status", row["aggregate"]["status"])):
-            if not _same(have.get(name), value):
-                differences.append(Difference(wid, name, value, have.get(name)))
-    differences += [Difference(wid, "document", "absent", "present") for wid in actual]
-    return differences
+    return _compare(_newest_snapshots(settings, Scope(tenant)), actual, "document",
+                    lambda row: {"version": row["version"],
+                                 "status": row["aggregate"]["status"]})
 
 
 VERIFIABLE = ("workflow-projector", "cache-projector", "search-indexer")
@@ -289,32 +276,35 @@ def repair(settings: Settings, projector: str, tenant: UUID | None,
     """Forget exactly the aggregates that differ and replay them from the events
     table; for the cache, then recount the tenants' pending counter from the
     cache's own per-workflow statuses."""
-    ids = sorted({d.aggregate_id for d in differences if not d.field.startswith("stats.")},
-                 key=str)
-    asyncio.run(_forget(settings, projector, ids))
-    for aggregate in ids:
-        replay(settings, projector, Scope(tenant=tenant, aggregate=aggregate))
+    ids = tuple(sorted({d.aggregate_id for d in differences
+                        if not d.field.startswith("stats.")}, key=str))
+    by_tenant = aggregates_in(settings, Scope(aggregates=ids)) if ids else {}
+    asyncio.run(_forget(settings, projector, by_tenant))
+    if ids:
+        replay(settings, projector, Scope(tenant=tenant, aggregates=ids))
     if projector == "cache-projector":
         tenants = {d.aggregate_id for d in differences if d.field.startswith("stats.")}
-        tenants |= {t for t, _ in aggregates_in_ids(settings, ids).items()}
+        tenants |= set(by_tenant)
         skewed_days = {d.aggregate_id for d in differences
                        if d.field == "stats.completed_today"}
         asyncio.run(_recount(settings, tenants, skewed_days, tenant))
-    return ids
+    return list(ids)
 
 
-async def _forget(settings: Settings, projector: str, ids: list[UUID]) -> None:
+async def _forget(settings: Settings, projector: str,
+                  by_tenant: dict[UUID, list[UUID]]) -> None:
     """A cached copy with a wrong, higher version would shadow the replay: drop it
     first, taking it out of the counters it was in, so the replay counts it once.
     (The PostgreSQL store does this itself in replay.)"""
     if projector == "cache-projector":
 
-        newest = {r["aggregate_id"]: r["aggregate"] for r in _newest_snapshots(settings, None)
-                  if r["aggregate_id"] in set(ids)}
+        ids = tuple(wid for wids in by_tenant.values() for wid in wids)
+        newest = {r["aggregate_id"]: r["aggregate"]
+                  for r in _newest_snapshots(settings, Scope(aggregates=ids))}
         client = redis_client(settings.require("redis_url"))
         try:
             ns = await live_namespace(client)
-            for t, wids in aggregates_in_ids(settings, ids).items():
+            for t, wids in by_tenant.items():
                 for wid in wids:
                     status = await client.hget(f"{ns}wfstatus:{t}", str(wid))
                     if status == b"in_progress":
@@ -343,17 +333,6 @@ def _day_of(timestamp: str | None) -> str:
         if timestamp else "none"
 
 
-def aggregates_in_ids(settings: Settings, ids: list[UUID]) -> dict[UUID, list[UUID]]:
-    """Tenant of each aggregate (from the events table; unknown ids are skipped)."""
-    with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
-        rows = conn.execute("SELECT DISTINCT tenant_id, aggregate_id FROM event_store.events "
-                            "WHERE aggregate_id = ANY(%s)", (ids,)).fetchall()
-    by_tenant: dict[UUID, list[UUID]] = {}
-    for t, wid in rows:
-        by_tenant.setdefault(t, []).append(wid)
-    return by_tenant
-
-
 # Pending is a function of the statuses the cache holds; counted inside Redis,
 # atomically with respect to the projector's own scripts, so it cannot drift
 # against events the projector applies meanwhile.
@@ -380,7 +359,7 @@ async def _recount(settings: Settings, tenants: set[UUID], skewed_days: set[UUID
             # counter is set from the events table (exact when the projector is
             # caught up, which is when verify is meant to run).
             today = datetime.now(UTC).date()
-            counted = _counters(_newest_snapshots(settings, scope), today)
+            counted = _counters(_newest_snapshots(settings, Scope(scope)), today)
             ns = await live_namespace(client)
             for t in skewed_days:
                 await client.set(f"{ns}stats:{t}:completed:{today}",

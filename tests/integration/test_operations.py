@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -21,9 +22,10 @@ from tests.scenarios import World, build_world
 pytestmark = pytest.mark.slow
 
 
-def ringiflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ringiflow", *args], env=settings_env(settings),
-                          capture_output=True, text=True, timeout=120)
+def ringiflow(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ringiflow", *args],
+                          env=settings_env(settings) | env, capture_output=True, text=True,
+                          timeout=300)
 
 
 async def test_lag_is_zero_once_the_workers_caught_up(system: dict[str, str],
@@ -159,11 +161,8 @@ def test_replay_from_the_events_table_then_verify_and_repair(fresh_db: Settings)
     import psycopg
 
     from infra.settings import libpq_url
-    from tests.events import append
 
-    world = build_world(workflows=8)
-    for event in world.events:
-        append(fresh_db.database_url or "", [event])
+    world = _world_in(fresh_db, workflows=8)
     tenant = str(world.tenant_id)
     dry = json.loads(ringiflow(fresh_db, "replay", "workflow-projector", "--tenant", tenant,
                                "--dry-run", "--json").stdout)
@@ -198,46 +197,28 @@ async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
     fresh_db: Settings,
 ) -> None:
     from infra.clients import opensearch_client
-    from infra.settings import libpq_url  # noqa: F401 - the CLI reads the same settings
-    from tests.conftest import component
-    from tests.events import append
     from tests.helpers import Person
 
     alias = f"t-{uuid4().hex[:10]}"
-    env = {"RINGIFLOW_SEARCH_ALIAS": alias}
-    world = build_world(workflows=30)
-    for event in world.events:
-        append(fresh_db.database_url or "", [event])
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ringiflow", *args],
-                              env=settings_env(fresh_db) | env, capture_output=True, text=True,
-                              timeout=300)
+    world = _world_in(fresh_db)
+    cli = functools.partial(ringiflow, fresh_db, RINGIFLOW_SEARCH_ALIAS=alias)
 
     assert cli("replay", "search-indexer", "--tenant", str(world.tenant_id)).returncode == 0
     plan = json.loads(cli("rebuild", "search-indexer", "--dry-run", "--json").stdout)
     assert (plan["live"], plan["target"]) == (f"{alias}-v1", f"{alias}-v2")
 
     reader = Person(world.tenant_id, "検索者")
+    headers = {"Authorization": f"Bearer {reader.token(TEST_JWT_SECRET)}"}
     workflows = sum(1 for e in world.events if e.event_type == "WorkflowCreated")
-    outcomes: list[tuple[int, int]] = []
-    with component("query-api", fresh_db, "RINGIFLOW_QUERY_API_PORT", **env) as base:
-        stop = asyncio.Event()
 
-        async def load() -> None:
-            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                headers = {"Authorization": f"Bearer {reader.token(TEST_JWT_SECRET)}"}
-                while not stop.is_set():
-                    r = await client.get("/api/v1/queries/search",
-                                         params={"q": "大阪", "limit": 100}, headers=headers)
-                    outcomes.append((r.status_code, body_of(r).get("total", -1)))
+    async def probe(client: httpx.AsyncClient) -> object:
+        r = await client.get("/api/v1/queries/search", params={"q": "大阪", "limit": 100},
+                             headers=headers)
+        return r.status_code, body_of(r).get("total", -1)
 
-        loader = asyncio.create_task(load())
-        await asyncio.sleep(0.5)
-        rebuilt = await asyncio.to_thread(cli, "rebuild", "search-indexer", "--json")
-        await asyncio.sleep(0.5)
-        stop.set()
-        await loader
+    rebuilt, outcomes = await _under_load(
+        fresh_db, probe, lambda: cli("rebuild", "search-indexer", "--json"),
+        RINGIFLOW_SEARCH_ALIAS=alias)
     assert rebuilt.returncode == 0, rebuilt.stderr
     result = json.loads(rebuilt.stdout)
     assert result["swapped_from"] == f"{alias}-v1" and result["kept"] == [f"{alias}-v1"]
@@ -490,12 +471,7 @@ async def test_verify_finds_and_repairs_cache_and_search_differences(fresh_db: S
     alias = f"t-{uuid4().hex[:10]}"
     settings = fresh_db.model_copy(update={
         "redis_url": (fresh_db.redis_url or "").rsplit("/", 1)[0] + "/8", "search_alias": alias})
-    env = {"RINGIFLOW_SEARCH_ALIAS": alias, "RINGIFLOW_REDIS_URL": settings.redis_url or ""}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ringiflow", *args],
-                              env=settings_env(settings) | env, capture_output=True, text=True,
-                              timeout=300)
+    cli = functools.partial(ringiflow, settings, RINGIFLOW_SEARCH_ALIAS=alias)
 
     redis = aioredis.Redis.from_url(settings.redis_url or "")
     await redis.flushdb()
