@@ -23,6 +23,7 @@ import aiohttp
 
 from benchmarks.common import (
     BENCH_SECRET,
+    add_broker_flag,
     app_process,
     embedded_stack,
     median,
@@ -217,6 +218,7 @@ def main() -> None:
                         help="command API processes on the port (as `ringiflow up` runs)")
     parser.add_argument("--no-fsync", action="store_true",
                         help="embedded PostgreSQL without fsync (the tests' setting)")
+    add_broker_flag(parser)
     args = parser.parse_args()
 
     def best_of(fn, *a) -> tuple[float, list[float]]:
@@ -226,7 +228,7 @@ def main() -> None:
 
     print(f"cores: {os.cpu_count()}, fsync: {not args.no_fsync}, command API processes: "
           f"{args.processes}, {args.seconds:.0f} s x {args.rounds} rounds, medians")
-    with embedded_stack(fsync=not args.no_fsync) as settings:
+    with embedded_stack(fsync=not args.no_fsync, broker=args.broker) as settings:
         with app_process("command-api", settings, "RINGIFLOW_COMMAND_API_PORT",
                          args.processes) as base:
             asyncio.run(http_noop(base, 8, 1))  # warm-up

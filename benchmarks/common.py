@@ -4,6 +4,7 @@ because these machines are shared and noisy."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -22,11 +23,23 @@ from infra.settings import Settings
 BENCH_SECRET = "benchmark-secret-0123456789abcdef0123456789"
 
 
+# --broker picks the pair of servers a benchmark runs on: the real ones, or the
+# in-memory stand-ins.
+BROKERS = {"apache": ("apache", "opensearch"), "tansu": ("tansu", "osmem")}
+
+
+def add_broker_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="apache",
+                        help="apache: Apache Kafka + OpenSearch; tansu: Tansu + osmem "
+                             "(in-memory stand-ins)")
+
+
 @contextmanager
-def embedded_stack(fsync: bool = True) -> Iterator[Settings]:
+def embedded_stack(fsync: bool = True, broker: str = "apache") -> Iterator[Settings]:
+    kafka, opensearch = BROKERS[broker]
     with tempfile.TemporaryDirectory(prefix="ringiflow-bench-") as tmp:
-        base = Settings(data_dir=Path(tmp), postgres_fsync=fsync,
-                        jwt_secret=BENCH_SECRET)  # type: ignore[arg-type]
+        base = Settings(data_dir=Path(tmp), postgres_fsync=fsync, jwt_secret=BENCH_SECRET,
+                        embedded_kafka=kafka, embedded_opensearch=opensearch)  # type: ignore[arg-type]
         with embedded_system(base) as ready:
             yield ready
 

@@ -19,12 +19,10 @@ import subprocess
 import sys
 import time
 
-from aiokafka import TopicPartition
-
 import contract
-from benchmarks.common import app_env, embedded_stack
+from benchmarks.common import add_broker_flag, app_env, embedded_stack
 from infra.embedded import free_port
-from infra.kafka import producer, record_consumer, stop_consumer
+from infra.kafka import producer, record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery
@@ -53,10 +51,10 @@ def produce_world(settings: Settings, workflows: int) -> int:
 
 
 async def topic_total(bootstrap: str, topics: tuple[str, ...]) -> int:
+    tps = await topic_partitions_of(bootstrap, *topics)
     consumer = record_consumer(bootstrap)
     await consumer.start()
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)]
         return sum((await consumer.end_offsets(tps)).values())
     finally:
         await stop_consumer(consumer)
@@ -103,11 +101,10 @@ async def baseline_rate(settings: Settings, group: str, batch: int) -> float:
     projection = CATALOGUE[group](settings)
     store = projection.store
     await store.start()
+    tps = await topic_partitions_of(settings.kafka_bootstrap or "", *projection.topics)
     consumer = record_consumer(settings.kafka_bootstrap or "", max_poll_records=batch)
     await consumer.start()
     try:
-        tps = [TopicPartition(t, p) for t in projection.topics
-               for p in consumer.partitions_for_topic(t)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -135,9 +132,10 @@ async def baseline_rate(settings: Settings, group: str, batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workflows", type=int, default=3000)
+    add_broker_flag(parser)
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}; embedded stack (fsync on)")
-    with embedded_stack() as settings:
+    with embedded_stack(broker=args.broker) as settings:
         events = produce_world(settings, args.workflows)
         print(f"produced {events:,} events of {args.workflows:,} workflows")
         for group in CATALOGUE:

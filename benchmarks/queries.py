@@ -18,7 +18,14 @@ import time
 
 import aiohttp
 
-from benchmarks.common import BENCH_SECRET, app_process, embedded_stack, median, summary
+from benchmarks.common import (
+    BENCH_SECRET,
+    add_broker_flag,
+    app_process,
+    embedded_stack,
+    median,
+    summary,
+)
 from infra.auth import mint_token
 from infra.settings import Settings, libpq_url
 from projectors.projection import Delivery
@@ -69,10 +76,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workflows", type=int, default=600)
+    add_broker_flag(parser)
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}; query API processes: 2; concurrency 32; "
           f"{args.seconds:.0f} s x {args.rounds} rounds, medians")
-    with embedded_stack() as settings:
+    with embedded_stack(broker=args.broker) as settings:
         token, ids, _tenant = asyncio.run(seed(settings, args.workflows))
         with app_process("query-api", settings, "RINGIFLOW_QUERY_API_PORT", 2) as base:
             details = [f"/api/v1/queries/workflows/{i}" for i in ids]

@@ -19,7 +19,7 @@ import asyncio
 import statistics
 import time
 
-from benchmarks.common import embedded_stack
+from benchmarks.common import add_broker_flag, embedded_stack
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery
@@ -59,8 +59,8 @@ async def baseline(settings: Settings, projector: str, deliveries: list[Delivery
     return len(mine) / elapsed
 
 
-async def main(workflows: int, rounds: int) -> None:
-    with embedded_stack() as settings:
+async def main(workflows: int, rounds: int, broker: str) -> None:
+    with embedded_stack(broker=broker) as settings:
         deliveries = seed(settings, workflows)
         print(f"{len(deliveries):,} events of {workflows:,} workflows in the events table; "
               f"medians of {rounds} rounds")
@@ -79,5 +79,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--workflows", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    add_broker_flag(parser)
     args = parser.parse_args()
-    asyncio.run(main(args.workflows, args.rounds))
+    asyncio.run(main(args.workflows, args.rounds, args.broker))

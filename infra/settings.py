@@ -4,12 +4,14 @@ environment (RINGIFLOW_*); a URL left unset means "start the embedded one"."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
@@ -22,6 +24,10 @@ class ConfigError(ValueError):
 
 def _default_data_dir() -> Path:
     return Path.home() / ".ringiflow"
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringiflow"
 
 
 class Settings(BaseSettings):
@@ -44,6 +50,16 @@ class Settings(BaseSettings):
     opensearch_port: int = Field(default=0, ge=0, le=65535)
     # Durability costs latency; tests turn it off, `up` keeps it on.
     postgres_fsync: bool = True
+    # Which embedded broker and search server `up` runs: the real ones need a JVM
+    # (auto picks them when one is installed), the stand-ins are in-memory wheels.
+    embedded_kafka: Literal["auto", "apache", "tansu"] = "auto"
+    embedded_opensearch: Literal["auto", "opensearch", "osmem"] = "auto"
+    embedded_opensearch_version: Literal["auto", "3.8.0", "2.19.6"] = "auto"
+    java_home: Path | None = None  # the JVM for the embedded servers; unset = search
+    # The embedded servers' jars, fetched from Maven Central once and shared by data dirs.
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    maven_settings: Path | None = None  # a settings.xml, e.g. with a mirror
+    kafka_cluster_id: str | None = None  # the embedded Kafka's storage must carry this id
 
     command_api_host: str = "127.0.0.1"
     command_api_port: int = Field(default=8000, ge=0, le=65535)
@@ -75,6 +91,8 @@ class Settings(BaseSettings):
     worker_retry_attempts: int = Field(default=5, ge=1)
     parked_aggregates_cap: int = Field(default=1000, ge=1)
     stall_after_s: float = Field(default=60.0, gt=0)  # lag > 0 and no progress this long
+    # How long a worker that died without leaving its group keeps its partitions.
+    worker_session_timeout_s: float = Field(default=10.0, ge=6, le=300)
     replay_notifications: bool = False  # send notifications for replayed events too
 
     ws_heartbeat_s: float = Field(default=15.0, gt=0)
@@ -88,6 +106,18 @@ class Settings(BaseSettings):
     api_keys: list[dict[str, object]] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
+
+    @field_validator("embedded_kafka", "embedded_opensearch", "embedded_opensearch_version",
+                     mode="before")
+    @classmethod
+    def _choice(cls, value: object, info: ValidationInfo) -> object:
+        allowed = {"embedded_kafka": ("auto", "apache", "tansu"),
+                   "embedded_opensearch": ("auto", "opensearch", "osmem"),
+                   "embedded_opensearch_version": ("auto", "3.8.0", "2.19.6")}[info.field_name]
+        if isinstance(value, str) and value.strip().lower() in allowed:
+            return value.strip().lower()
+        raise ValueError(f"RINGIFLOW_{info.field_name.upper()}={value!r} is not one of "
+                         f"{', '.join(allowed)}")
 
     @field_validator("database_url")
     @classmethod

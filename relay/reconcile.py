@@ -14,11 +14,10 @@ from datetime import datetime
 from uuid import UUID
 
 import psycopg
-from aiokafka import TopicPartition
 from psycopg.types.json import Jsonb
 
 from contract import AggregateType, EventEnvelope, events_topic_name, record_headers
-from infra.kafka import record_consumer, stop_consumer
+from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 
 Progress = Callable[[str], None]
 
@@ -40,11 +39,10 @@ class TopicReport:
 
 async def event_ids_in_topic(bootstrap: str, topic: str) -> set[UUID]:
     """Every event id the topic holds now (read from the record headers)."""
+    assigned = await topic_partitions_of(bootstrap, topic)
     consumer = record_consumer(bootstrap, group_id=None, fetch_max_bytes=50 * 1024 * 1024)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        assigned = [TopicPartition(topic, p) for p in partitions]
         if not assigned:
             return set()
         consumer.assign(assigned)

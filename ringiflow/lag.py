@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka import TopicPartition as KafkaPartition
 
-from infra.kafka import admin_client, record_consumer, stop_consumer
+from infra.kafka import admin_client, record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
 
@@ -78,11 +78,10 @@ def committed_offsets(bootstrap: str, group: str,
 async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list[PartitionLag]:
     """Lag of every group on every partition it reads, and for the lagging ones the
     age of the next unprocessed record (its Kafka timestamp); one consumer for all."""
+    tps = await topic_partitions_of(bootstrap, *sorted({t for ts in groups.values() for t in ts}))
     consumer = record_consumer(bootstrap)
     await consumer.start()
     try:
-        tps = [TopicPartition(t, p) for t in {t for ts in groups.values() for t in ts}
-               for p in consumer.partitions_for_topic(t) or ()]
         ends = {(tp.topic, tp.partition): end
                 for tp, end in (await consumer.end_offsets(tps)).items()}
         rows: list[PartitionLag] = []
@@ -91,7 +90,8 @@ async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list
             committed = committed_offsets(bootstrap, group, mine)
             for topic, partition in sorted(mine):
                 done = committed.get((topic, partition))
-                # Tansu's reported end can trail the last record by one: never below a commit.
+                # Tansu's reported end can trail the last record by one: never below a commit
+                # (on Apache Kafka a commit is never past the end, so this changes nothing).
                 end = max(ends[(topic, partition)], done or 0)
                 rows.append(PartitionLag(group, topic, partition, done, end, end - (done or 0)))
         consumer.assign(tps)

@@ -205,6 +205,7 @@ class Supervisor:
         runtime = {
             "pid": os.getpid(),
             "urls": urls,
+            "servers": {key: server.name for key, server in self.stack.servers.items()},
             "endpoints": {c.component.name: c.component.url(self.settings)
                           for c in self.children},
             "pids": {c.component.name: [p.process.pid for p in self.children
@@ -225,8 +226,9 @@ class Supervisor:
             lines.append(f"  {component.description:<34} {base}  (/healthz /readyz /metrics"
                          + (f"; {processes} processes)" if processes > 1 else ")"))
         for key, url in urls.items():
-            origin = "embedded" if key in self.stack.servers else "external"
-            lines.append(f"  {labels[key] + ' (' + origin + ')':<34} {url}")
+            server = self.stack.servers.get(key)
+            label = f"{server.name}, embedded" if server else f"{labels[key]} (external)"
+            lines.append(f"  {label:<34} {url}")
         lines.append(f"  {'data dir':<34} {self.settings.data_path}")
         lines.append(f"  {'logs':<34} {self.settings.data_path / 'logs'}")
         print("\n".join(lines), flush=True)

@@ -90,9 +90,12 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
         stream_buffer_maxsize=settings.worker_batch_size * 4,
         web_enabled=True, web_port=port, web_bind=settings.workers_host,
         web_host=settings.workers_host, web_in_thread=False,
-        # Short timeouts: a restarted worker rejoins its group in seconds, not minutes.
-        broker_session_timeout=10.0, broker_heartbeat_interval=1.0,
-        broker_rebalance_timeout=10.0,
+        # A worker that dies without leaving its group (SIGKILL, a lost host) holds its
+        # partitions this long: seconds, not Kafka's 45 s or Faust's 60 s default. Not a
+        # stand-in workaround: the same on Apache Kafka (ADR 0006).
+        broker_session_timeout=settings.worker_session_timeout_s,
+        broker_heartbeat_interval=min(1.0, settings.worker_session_timeout_s / 3),
+        broker_rebalance_timeout=settings.worker_session_timeout_s,
     )
     topic = app.topic(*projection.topics, key_type=bytes, value_type=bytes)
     pool = AsyncConnectionPool(libpq_url(settings.role_database_url("projector")),

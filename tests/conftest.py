@@ -19,11 +19,15 @@ import psycopg
 import pytest
 
 from infra import db
-from infra.embedded import start_kafka
+from infra.embedded import start_broker
 from infra.provision import embedded_system, provision
 from infra.settings import Settings, libpq_url
 
 TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
+# Which servers a test lane runs on (.ci/run runs the suite on each); kept for subprocesses.
+LANE_SETTINGS = ("RINGIFLOW_EMBEDDED_KAFKA", "RINGIFLOW_EMBEDDED_OPENSEARCH",
+                 "RINGIFLOW_EMBEDDED_OPENSEARCH_VERSION", "RINGIFLOW_JAVA_HOME",
+                 "RINGIFLOW_CACHE_DIR", "RINGIFLOW_MAVEN_SETTINGS")
 
 
 def free_port() -> int:
@@ -47,9 +51,10 @@ def settings(stack_dir: Path) -> Iterator[Settings]:
 
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for a `ringiflow` subprocess: no inherited RINGIFLOW_* settings,
-    its own data dir and free ports."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
+    """Environment for a `ringiflow` subprocess: no inherited RINGIFLOW_* settings
+    but the test lane's choice of servers, its own data dir and free ports."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RINGIFLOW_") or k in LANE_SETTINGS}
     env.update({
         "RINGIFLOW_DATA_DIR": str(tmp_path / "data"),
         "RINGIFLOW_POSTGRES_FSYNC": "false",
@@ -139,7 +144,7 @@ def isolated(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
     admin = libpq_url(settings.database_url or "")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    broker = start_kafka(tmp_path_factory.mktemp("kafka"), free_port(), timeout=30)
+    broker = start_broker(settings, tmp_path_factory.mktemp("kafka"))
     try:
         ready = settings.model_copy(update={
             "database_url": (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}",

@@ -10,11 +10,10 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from aiokafka import TopicPartition
 from psycopg.types.json import Jsonb
 
 import contract
-from infra.kafka import record_consumer, stop_consumer
+from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import libpq_url
 
 
@@ -64,11 +63,10 @@ async def read_topic(bootstrap: str, topic: str, expect: set[UUID],
                      timeout_s: float = 60) -> list[Consumed]:
     """Everything on the topic, from the beginning, once every expected event id
     has arrived (and the topic's current end has been reached)."""
+    partitions = await topic_partitions_of(bootstrap, topic)
     consumer = record_consumer(bootstrap)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p)
-                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         out: list[Consumed] = []

@@ -691,3 +691,41 @@ def test_schema_rejects_invalid_syntax(mutate: Callable[[Doc], None], expected: 
     mutate(broken)
     errors = schema_errors(broken)
     assert any(expected in error for error in errors), errors
+
+
+# --- one source of truth: the embedded servers and compose take the same values -----
+
+
+def test_compose_kafka_takes_the_embedded_brokers_settings() -> None:
+    from infra.kafka import BROKER_CONFIG
+    from infra.kafka_broker import KAFKA_VERSION
+
+    kafka = compose()["services"]["kafka"]
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    env = {k: str(v) for k, v in kafka["environment"].items()}
+    for key, value in BROKER_CONFIG.items():
+        name = "KAFKA_" + key.upper().replace(".", "_")
+        assert env.get(name) == value, f"{name} is {env.get(name)!r}, the embedded broker's {value}"
+
+
+def test_compose_opensearch_takes_the_embedded_nodes_version_plugins_and_settings() -> None:
+    from infra.opensearch_node import DISTRIBUTIONS, NODE_SETTINGS
+
+    dockerfile = (ROOT / "docker" / "opensearch" / "Dockerfile").read_text()
+    newest = max(DISTRIBUTIONS, key=lambda v: tuple(int(p) for p in v.split(".")))
+    assert f"ARG OPENSEARCH_VERSION={newest}\n" in dockerfile
+    assert "opensearch-plugin install --batch analysis-kuromoji" in dockerfile
+    env = {k: str(v) for k, v in compose()["services"]["opensearch"]["environment"].items()}
+    for key, value in NODE_SETTINGS.items():
+        assert env.get(key) == value, key
+
+
+def test_topics_and_index_come_from_one_catalogue_on_every_server() -> None:
+    """Neither the embedded servers nor compose define a topic or an index: both go
+    through `ringiflow topics ensure` (contract.all_topics) and the indexer's own
+    index body, so partitions, retention, cleanup and analyzers cannot drift."""
+    for path in (ROOT / "infra" / "kafka_broker.py", ROOT / "infra" / "opensearch_node.py",
+                 COMPOSE_FILE):
+        text = path.read_text()
+        assert "retention.ms" not in text and "num.partitions" not in text, path
+        assert "kuromoji_tokenizer" not in text, path

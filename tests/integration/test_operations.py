@@ -36,6 +36,7 @@ async def test_lag_is_zero_once_the_workers_caught_up(system: dict[str, str],
     deadline = time.monotonic() + 60
     while True:
         result = ringiflow(isolated, "lag", "--json", "--max-lag", "0")
+        assert result.stdout, result.stderr
         report = json.loads(result.stdout)
         if result.returncode == 0:
             break

@@ -105,9 +105,10 @@ def test_up_serves_every_endpoint_restarts_crashes_and_leaves_nothing_behind(
             assert get(base + "/healthz")[0] == 200
             status, body = get(base + "/readyz")
             assert status == 200, body
-        for name in ("PostgreSQL (embedded)", "Redis (embedded)", "Kafka (embedded)",
-                     "OpenSearch (embedded)"):
+        for name in ("PostgreSQL, embedded", "Redis, embedded", "Kafka (", "OpenSearch ("):
             assert name in out
+        # Which broker and search server run, and why.
+        assert "· Kafka: " in out and "· OpenSearch: " in out
 
         # A crashed child is restarted.
         victim = up.runtime()["pids"]["command-api"][0]
@@ -191,9 +192,83 @@ def test_an_unreachable_url_fails_fast_naming_the_setting(
 def test_a_missing_binary_fails_fast_and_stops_what_started(
     cli_env: dict[str, str], tmp_path: Path, binary_env: str, setting: str
 ) -> None:
-    cli_env[binary_env] = str(tmp_path / "no-such-binary")
+    cli_env |= {binary_env: str(tmp_path / "no-such-binary"),
+                "RINGIFLOW_EMBEDDED_KAFKA": "tansu", "RINGIFLOW_EMBEDDED_OPENSEARCH": "osmem"}
     _fails_fast(cli_env, setting, "no-such-binary")
     pgdata = str(Path(cli_env["RINGIFLOW_DATA_DIR"]) / "postgres")
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if pgdata in " ".join(p.info["cmdline"] or [])]
     assert wait_gone(leftovers, timeout=10) == []
+
+
+def _lag(env: dict[str, str]) -> dict:
+    result = subprocess.run([sys.executable, "-m", "ringiflow", "lag", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout, result.stderr
+    return json.loads(result.stdout)
+
+
+def _processed(workers_url: str) -> float:
+    with urllib.request.urlopen(workers_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ringiflow_events_processed_total{"))
+
+
+def test_a_second_up_resumes_on_apache_kafka_without_reprojecting(
+    cli_env: dict[str, str],
+) -> None:
+    """SIGTERM, then `up` again: topics, records and committed offsets are where
+    they were, so no worker starts from scratch, and nothing is lost."""
+    import asyncio
+
+    import httpx
+
+    from infra.jvm import find_jvm
+    from tests.helpers import Tenant
+
+    if find_jvm(None, 17) is None:
+        pytest.skip("Apache Kafka needs Java >= 17")
+    cli_env["RINGIFLOW_EMBEDDED_KAFKA"] = "apache"
+    commands = f"http://127.0.0.1:{cli_env['RINGIFLOW_COMMAND_API_PORT']}"
+    workers = f"http://127.0.0.1:{cli_env['RINGIFLOW_WORKERS_PORT']}"
+
+    async def load(secret: str, database_url: str, workflows: int) -> None:
+        async with httpx.AsyncClient(base_url=commands, timeout=30) as client:
+            tenant = await Tenant(client, secret, database_url).setup()
+            for i in range(workflows):
+                await tenant.create_workflow(f"再起動テスト {i}")
+
+    def caught_up(up: Up) -> dict:
+        env = cli_env | {"RINGIFLOW_DATABASE_URL": up.runtime()["urls"]["database_url"]}
+        deadline = time.monotonic() + 90
+        while True:
+            report = _lag(env)
+            if all(p["lag"] == 0 for p in report["partitions"]) and not report["breaches"]:
+                return report
+            assert time.monotonic() < deadline, report
+            time.sleep(1)
+
+    with running(cli_env) as up:
+        assert "Kafka (Apache Kafka" in "".join(up.output)
+        secret = (up.data_dir / "jwt-secret").read_text().strip()
+        asyncio.run(load(secret, up.runtime()["urls"]["database_url"], 10))
+        before = caught_up(up)
+        assert _processed(workers) > 0
+        assert up.stop(signal.SIGTERM) == 0
+
+    committed = {(p["group"], p["topic"], p["partition"]): p["committed"]
+                 for p in before["partitions"]}
+    with running(cli_env) as up:
+        # The groups resume at their commits over the very same records.
+        after = _lag(cli_env | {"RINGIFLOW_DATABASE_URL": up.runtime()["urls"]["database_url"]})
+        for p in after["partitions"]:
+            key = (p["group"], p["topic"], p["partition"])
+            assert p["committed"] == committed[key], key
+            assert p["lag"] == 0, key
+        time.sleep(3)
+        assert _processed(workers) == 0, "a worker re-projected events after the restart"
+        # And the restarted system still projects new commands.
+        asyncio.run(load(secret, up.runtime()["urls"]["database_url"], 2))
+        caught_up(up)
+        assert _processed(workers) > 0
