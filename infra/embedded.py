@@ -45,6 +45,8 @@ class EmbeddedError(RuntimeError):
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """For preexec_fn. The signal fires when the *thread* that spawned the child ends,
+    not only its process: start long-lived servers from a thread that outlives them."""
     def preexec() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig)

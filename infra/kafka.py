@@ -175,20 +175,20 @@ async def read_from_start(bootstrap: str, topic: str,
         await stop_consumer(consumer)
 
 
+def partition_numbers(bootstrap: str, *topics: str) -> dict[str, set[int]]:
+    """Each topic's partition numbers, from the broker's metadata in one request.
+    (aiokafka's `partitions_for_topic` knows only topics a consumer subscribed to:
+    against Apache Kafka a plain consumer's metadata holds none.)"""
+    found = admin_client(bootstrap).list_topics(timeout=10).topics
+    return {t: set(found[t].partitions) if t in found and found[t].error is None else set()
+            for t in topics}
+
+
 async def partitions_of(bootstrap: str, topic: str) -> set[int]:
-    """The topic's partition numbers, from the broker's metadata. (aiokafka's
-    `partitions_for_topic` knows only topics a consumer subscribed to: against
-    Apache Kafka a plain consumer's metadata holds none.)"""
-    import asyncio
-
-    def fetch() -> set[int]:
-        found = admin_client(bootstrap).list_topics(topic, timeout=10).topics.get(topic)
-        return set(found.partitions) if found is not None and found.error is None else set()
-
-    return await asyncio.to_thread(fetch)
+    return partition_numbers(bootstrap, topic)[topic]
 
 
 async def topic_partitions_of(bootstrap: str, *topics: str) -> list[TopicPartition]:
     """Every partition of the topics, in order, as aiokafka's TopicPartitions."""
-    return [TopicPartition(topic, number) for topic in topics
-            for number in sorted(await partitions_of(bootstrap, topic))]
+    numbers = partition_numbers(bootstrap, *topics)
+    return [TopicPartition(t, n) for t in topics for n in sorted(numbers[t])]

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, replace
 
 import psycopg
 from aiokafka import TopicPartition
-from confluent_kafka import ConsumerGroupTopicPartitions
-from confluent_kafka import TopicPartition as KafkaPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
-from infra.kafka import admin_client, record_consumer, stop_consumer, topic_partitions_of
+from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
 
@@ -66,13 +66,23 @@ class LagReport:
         return found
 
 
-def committed_offsets(bootstrap: str, group: str,
-                      partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
-    admin = admin_client(bootstrap)
-    request = ConsumerGroupTopicPartitions(group, [KafkaPartition(t, p) for t, p in partitions])
-    result = admin.list_consumer_group_offsets([request])[group].result(15)
-    return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-            for tp in result.topic_partitions}
+async def committed_offsets(admin: AIOKafkaAdminClient, group: str,
+                            partitions: list[tuple[str, int]],
+                            ) -> dict[tuple[str, int], int | None]:
+    """The group's committed offsets. Through aiokafka: librdkafka's admin client
+    crashes the process (SIGSEGV in rd_kafka_cgrp_op) when the broker answers
+    COORDINATOR_LOAD_IN_PROGRESS, as a fresh Apache Kafka does for a while."""
+    wanted = [TopicPartition(t, p) for t, p in partitions]
+    for attempt in range(40):
+        try:
+            result = await admin.list_consumer_group_offsets(group, partitions=wanted)
+            break
+        except KafkaError as exc:
+            if not exc.retriable or attempt == 39:
+                raise
+            await asyncio.sleep(0.25)
+    return {(tp.topic, tp.partition): (meta.offset if meta.offset >= 0 else None)
+            for tp, meta in result.items()}
 
 
 async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list[PartitionLag]:
@@ -80,14 +90,16 @@ async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list
     age of the next unprocessed record (its Kafka timestamp); one consumer for all."""
     tps = await topic_partitions_of(bootstrap, *sorted({t for ts in groups.values() for t in ts}))
     consumer = record_consumer(bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await consumer.start()
+    await admin.start()
     try:
         ends = {(tp.topic, tp.partition): end
                 for tp, end in (await consumer.end_offsets(tps)).items()}
         rows: list[PartitionLag] = []
         for group, topics in groups.items():
             mine = [key for key in ends if key[0] in topics]
-            committed = committed_offsets(bootstrap, group, mine)
+            committed = await committed_offsets(admin, group, mine)
             for topic, partition in sorted(mine):
                 done = committed.get((topic, partition))
                 # Tansu's reported end can trail the last record by one: never below a commit
@@ -105,6 +117,7 @@ async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list
                     rows[i] = replace(row, event_age_s=round(age, 1))
         return rows
     finally:
+        await admin.close()
         await stop_consumer(consumer)
 
 
