@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,7 +33,10 @@ from infra.settings import Settings
 # Whatever the test lane chose, these tests choose for themselves.
 AUTO = {"embedded_kafka": "auto", "embedded_opensearch": "auto"}
 STAND_INS = {"RINGIFLOW_EMBEDDED_KAFKA": "tansu", "RINGIFLOW_EMBEDDED_OPENSEARCH": "osmem"}
-needs_java17 = pytest.mark.skipif(jvm.find_jvm(None, 17) is None, reason="no Java >= 17 here")
+# Tests that start Apache Kafka or OpenSearch themselves: not again in the stand-in lane.
+needs_java17 = pytest.mark.skipif(
+    jvm.find_jvm(None, 17) is None or os.environ.get("RINGIFLOW_EMBEDDED_KAFKA") == "tansu",
+    reason="no Java >= 17 here, or the stand-in lane (the Apache Kafka lane runs it)")
 
 
 def fake_java(folder: Path, version: str) -> Path:
@@ -234,6 +238,55 @@ async def _resume(bootstrap: str, group: str) -> int:
         await stop_consumer(consumer)
 
 
+@needs_java17
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["3.8.0", "2.19.6"])
+def test_opensearch_analyses_japanese_and_takes_the_indexers_index(
+    tmp_path: Path, settings: Settings, version: str,
+) -> None:
+    """Both embedded distributions: kuromoji tokenizes, the indexer's own index (with
+    its kuromoji analyzer) is created behind its alias, a stale external version is
+    refused."""
+    from opensearchpy import AsyncOpenSearch
+    from opensearchpy.exceptions import ConflictError
+
+    from infra.embedded import start_opensearch
+    from projectors.search_store import ensure_index
+
+    real = settings.model_copy(update={"embedded_opensearch": "opensearch",
+                                       "embedded_opensearch_version": version})
+    try:
+        choice = choose_opensearch(real)
+    except EmbeddedError as exc:
+        pytest.skip(str(exc))
+    server = start_opensearch(real, choice, tmp_path, free_port())
+
+    async def check() -> None:
+        client = AsyncOpenSearch(hosts=[server.url])
+        try:
+            tokens = await client.indices.analyze(
+                body={"analyzer": "kuromoji", "text": "稟議書の承認依頼"})
+            assert [t["token"] for t in tokens["tokens"]] == ["稟議", "書", "承認", "依頼"]
+            await ensure_index(client, "workflows")
+            index = next(iter(await client.indices.get_alias(name="workflows")))
+            analysis = (await client.indices.get_settings(index=index))[index]["settings"]
+            assert analysis["index"]["analysis"]["analyzer"]["ja"]["tokenizer"] == \
+                "kuromoji_tokenizer"
+            await client.index(index="workflows", id="1", body={"version": 5},
+                               params={"version": 5, "version_type": "external"})
+            with pytest.raises(ConflictError):
+                await client.index(index="workflows", id="1", body={"version": 4},
+                                   params={"version": 4, "version_type": "external"})
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(check())
+    finally:
+        server.stop()
+
+
+@needs_java17
 @pytest.mark.slow
 def test_opensearch_keeps_indices_and_aliases_across_a_restart(
     tmp_path: Path, settings: Settings,
