@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
@@ -111,3 +114,16 @@ class Tenant:
             row = await cur.fetchone()
             assert row is not None
             return tuple(row)
+
+
+def up_fails_fast(env: dict[str, str], *needles: str, limit_s: float = 30) -> str:
+    """`ringiflow up` exits 2 within `limit_s`, its stderr naming every needle."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "ringiflow", "up"], env=env,
+                            capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert elapsed < limit_s, f"took {elapsed:.1f} s to fail"
+    return result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from infra.embedded import (
 )
 from infra.kafka import ensure_topics, producer, read_from_start
 from infra.settings import Settings
+from tests.helpers import up_fails_fast
 
 # Whatever the test lane chose, these tests choose for themselves.
 AUTO = {"embedded_kafka": "auto", "embedded_opensearch": "auto"}
@@ -46,18 +46,6 @@ def fake_java(folder: Path, version: str) -> Path:
     java.write_text(f"#!/bin/sh\necho 'openjdk version \"{version}\" 2024-01-16' >&2\n")
     java.chmod(0o755)
     return folder
-
-
-def up_fails(env: dict[str, str], *needles: str, limit_s: float = 60) -> str:
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "ringiflow", "up"], env=env,
-                            capture_output=True, text=True, timeout=180)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 2, result.stdout + result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-    assert elapsed < limit_s, f"took {elapsed:.1f} s to fail"
-    return result.stderr
 
 
 # --- which server runs, and why ----------------------------------------------------
@@ -96,7 +84,7 @@ def test_auto_with_java_17_and_nothing_newer_runs_opensearch_2(tmp_path: Path) -
 def test_apache_without_a_jvm_fails_fast(cli_env: dict[str, str], tmp_path: Path) -> None:
     cli_env |= STAND_INS | {"RINGIFLOW_EMBEDDED_KAFKA": "apache",
                             "RINGIFLOW_JAVA_HOME": str(tmp_path / "no-jvm")}
-    up_fails(cli_env, "RINGIFLOW_JAVA_HOME", "Java >= 17", "RINGIFLOW_EMBEDDED_KAFKA=tansu",
+    up_fails_fast(cli_env, "RINGIFLOW_JAVA_HOME", "Java >= 17", "RINGIFLOW_EMBEDDED_KAFKA=tansu",
              limit_s=20)
 
 
@@ -108,12 +96,12 @@ def test_a_too_old_java_fails_fast(cli_env: dict[str, str], tmp_path: Path, sett
                                    value: str, fallback: str) -> None:
     cli_env |= STAND_INS | {setting: value,
                             "RINGIFLOW_JAVA_HOME": str(fake_java(tmp_path / "j", "11.0.22"))}
-    up_fails(cli_env, "Java 11.0.22", "RINGIFLOW_JAVA_HOME", fallback, limit_s=20)
+    up_fails_fast(cli_env, "Java 11.0.22", "RINGIFLOW_JAVA_HOME", fallback, limit_s=20)
 
 
 def test_an_unknown_server_kind_is_refused(cli_env: dict[str, str]) -> None:
     cli_env["RINGIFLOW_EMBEDDED_KAFKA"] = "confluent"
-    up_fails(cli_env, "RINGIFLOW_EMBEDDED_KAFKA='confluent' is not one of auto, apache, tansu",
+    up_fails_fast(cli_env, "RINGIFLOW_EMBEDDED_KAFKA='confluent' is not one of auto, apache, tansu",
              limit_s=20)
 
 
@@ -139,20 +127,11 @@ def test_maven_central_out_of_reach_fails_fast(cli_env: dict[str, str], tmp_path
     cli_env |= STAND_INS | {"RINGIFLOW_EMBEDDED_KAFKA": "apache",
                 "RINGIFLOW_CACHE_DIR": str(tmp_path / "empty-cache"),
                 "RINGIFLOW_MAVEN_SETTINGS": str(mirror)}
-    stderr = up_fails(cli_env, "Maven could not fetch Apache Kafka", "RINGIFLOW_MAVEN_SETTINGS",
-                      "RINGIFLOW_EMBEDDED_KAFKA=tansu", limit_s=90)
+    stderr = up_fails_fast(cli_env, "Maven could not fetch Apache Kafka",
+                           "RINGIFLOW_MAVEN_SETTINGS", "RINGIFLOW_EMBEDDED_KAFKA=tansu", limit_s=90)
     assert "Connection refused" in stderr or "Could not transfer" in stderr, stderr
     # Nothing half-fetched is taken for a cache the next time.
     assert not kafka_broker.is_cached(tmp_path / "empty-cache")
-
-
-@pytest.mark.parametrize("setting", ["RINGIFLOW_KAFKA_PORT", "RINGIFLOW_OPENSEARCH_PORT"])
-def test_a_server_port_in_use_fails_fast(cli_env: dict[str, str], setting: str) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        cli_env[setting] = str(busy.getsockname()[1])
-        up_fails(cli_env, setting, "already in use", limit_s=20)
 
 
 @needs_java17

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from infra.settings import libpq_url
+from tests.helpers import up_fails_fast
 
 pytestmark = pytest.mark.slow
 
@@ -150,19 +151,8 @@ def test_a_second_up_on_the_same_data_dir_is_refused(cli_env: dict[str, str]) ->
         assert "already running" in second.stderr
 
 
-def _fails_fast(env: dict[str, str], *needles: str, limit_s: float = 30) -> str:
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "ringiflow", "up"], env=env,
-                            capture_output=True, text=True, timeout=90)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 2, result.stdout + result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-    assert elapsed < limit_s, f"took {elapsed:.1f} s to fail"
-    return result.stderr
-
-
-@pytest.mark.parametrize("setting", ["RINGIFLOW_POSTGRES_PORT", "RINGIFLOW_COMMAND_API_PORT"])
+@pytest.mark.parametrize("setting", ["RINGIFLOW_POSTGRES_PORT", "RINGIFLOW_COMMAND_API_PORT",
+                                     "RINGIFLOW_KAFKA_PORT", "RINGIFLOW_OPENSEARCH_PORT"])
 def test_a_port_in_use_fails_fast_naming_the_setting(
     cli_env: dict[str, str], setting: str
 ) -> None:
@@ -170,7 +160,7 @@ def test_a_port_in_use_fails_fast_naming_the_setting(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cli_env[setting] = str(busy.getsockname()[1])
-        _fails_fast(cli_env, setting, "already in use")
+        up_fails_fast(cli_env, setting, "already in use")
 
 
 @pytest.mark.parametrize(("setting", "url"), [
@@ -181,7 +171,7 @@ def test_an_unreachable_url_fails_fast_naming_the_setting(
     cli_env: dict[str, str], setting: str, url: str
 ) -> None:
     cli_env[setting] = url
-    stderr = _fails_fast(cli_env, setting, "unreachable")
+    stderr = up_fails_fast(cli_env, setting, "unreachable")
     assert "hunter2" not in stderr  # secrets are redacted
 
 
@@ -194,7 +184,7 @@ def test_a_missing_binary_fails_fast_and_stops_what_started(
 ) -> None:
     cli_env |= {binary_env: str(tmp_path / "no-such-binary"),
                 "RINGIFLOW_EMBEDDED_KAFKA": "tansu", "RINGIFLOW_EMBEDDED_OPENSEARCH": "osmem"}
-    _fails_fast(cli_env, setting, "no-such-binary")
+    up_fails_fast(cli_env, setting, "no-such-binary")
     pgdata = str(Path(cli_env["RINGIFLOW_DATA_DIR"]) / "postgres")
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if pgdata in " ".join(p.info["cmdline"] or [])]
