@@ -228,7 +228,7 @@ class Supervisor:
         for key, url in urls.items():
             server = self.stack.servers.get(key)
             label = f"{server.name}, embedded" if server else f"{labels[key]} (external)"
-            lines.append(f"  {label:<34} {url}")
+            lines.append(f"  {label:<38} {url}")
         lines.append(f"  {'data dir':<34} {self.settings.data_path}")
         lines.append(f"  {'logs':<34} {self.settings.data_path / 'logs'}")
         print("\n".join(lines), flush=True)
