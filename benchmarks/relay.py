@@ -83,6 +83,25 @@ def latency(settings: Settings, conn: psycopg.Connection, rate: int, seconds: fl
     print(f"commit -> ack at {achieved:,.0f} events/s offered ({len(lat):,} events): "
           f"p50 {percentile(lat, .5) * 1000:.1f} ms  p99 {percentile(lat, .99) * 1000:.1f} ms"
           f"  (targets: p50 <= 5 ms, p99 <= 50 ms)")
+    raw = raw_ack_latency(settings.kafka_bootstrap or "", 2000)
+    print(f"  baseline, same broker: a raw producer's produce -> ack, one record at a time: "
+          f"p50 {percentile(raw, .5) * 1000:.1f} ms  p99 {percentile(raw, .99) * 1000:.1f} ms")
+
+
+def raw_ack_latency(bootstrap: str, records: int) -> list[float]:
+    """The broker's own share of commit -> ack: the relay's producer settings, no relay."""
+    sender = kafka.producer(bootstrap)
+    latencies: list[float] = []
+    acked: list[object] = []
+    for i in range(records):
+        started = time.perf_counter()
+        sender.produce(contract.WORKFLOW_EVENTS.name, key=f"latency-{i % 200}",
+                       value=b"x" * 600, on_delivery=lambda err, _msg: acked.append(err))
+        while len(acked) <= i:
+            sender.poll(0.0005)
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.001)
+    return latencies
 
 
 def backlog(settings: Settings, conn: psycopg.Connection, events: int) -> tuple[float, float]:
