@@ -477,7 +477,6 @@ class EmbeddedStack:
     data_dir: Path
     timeout: float = 60.0
     servers: dict[str, Server] = field(default_factory=dict)
-    kinds: dict[str, str] = field(default_factory=dict)
 
     def start(self, settings: Settings) -> dict[str, str]:
         """Return the URL of every server, external or embedded."""
@@ -501,7 +500,6 @@ class EmbeddedStack:
             for key, choice in choices.items():
                 print(f"· {'Kafka' if key == 'kafka_bootstrap' else 'OpenSearch'}: "
                       f"{choice.label} ({choice.reason})", flush=True)
-                self.kinds[key] = choice.kind
             for url_setting, start in starters.items():
                 external = getattr(settings, url_setting)
                 if external:
