@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -44,13 +45,16 @@ class EmbeddedError(RuntimeError):
     """An embedded server could not start; the message says why and what to do."""
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+def die_with_parent(sig: int = signal.SIGTERM, own_group: bool = True) -> Callable[[], None]:
     """For preexec_fn. The signal fires when the *thread* that spawned the child ends,
-    not only its process: start long-lived servers from a thread that outlives them."""
+    not only its process: start long-lived servers from a thread that outlives them.
+    `own_group`: the child leads a process group of its own (Ctrl-C in the terminal
+    reaches only the supervisor, and its parent can kill the whole group)."""
     def preexec() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig)
-        os.setpgrp()  # Ctrl-C in the terminal reaches only the supervisor
+        if own_group:
+            os.setpgrp()
 
     return preexec
 
@@ -477,6 +481,8 @@ class EmbeddedStack:
     data_dir: Path
     timeout: float = 60.0
     servers: dict[str, Server] = field(default_factory=dict)
+    # How each embedded server was started, to start it again on the same data and port.
+    restarters: dict[str, Callable[[], Server]] = field(default_factory=dict)
 
     def start(self, settings: Settings) -> dict[str, str]:
         """Return the URL of every server, external or embedded."""
@@ -507,14 +513,23 @@ class EmbeddedStack:
                     continue
                 port = claim_port(getattr(settings, ports[url_setting]),
                                   f"RINGIFLOW_{ports[url_setting].upper()}")
-                server = start(choices.get(url_setting), port)  # type: ignore[arg-type]
+                choice = choices.get(url_setting)
+                server = start(choice, port)  # type: ignore[arg-type]
                 self.servers[url_setting] = server
+                self.restarters[url_setting] = functools.partial(start, choice, port)  # type: ignore[arg-type]
                 urls[url_setting] = server.url
                 log.info("embedded %s ready at %s", server.name, server.url)
         except BaseException:
             self.stop()
             raise
         return urls
+
+    def restart(self, key: str) -> Server:
+        """Start a dead server again, on its data dir and port (EmbeddedError if it
+        cannot start)."""
+        server = self.restarters[key]()
+        self.servers[key] = server
+        return server
 
     def stop(self) -> None:
         for server in reversed(list(self.servers.values())):

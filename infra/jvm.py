@@ -167,7 +167,11 @@ def resolve(*, what: str, pom: Path, target: Path, goals: list[str], cache_dir: 
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         repo = cache_dir / "m2"
-        args = [mvn, "-B", "-q", "-Dstyle.color=never", "-f", str(pom),
+        # Maven writes its bookkeeping beside the pom: run a copy in the cache, so the
+        # installed package (maybe read-only) stays untouched.
+        work_pom = target.with_name(target.name + ".pom.xml")
+        shutil.copyfile(pom, work_pom)
+        args = [mvn, "-B", "-q", "-Dstyle.color=never", "-f", str(work_pom),
                 f"-Dmaven.repo.local={repo}",
                 f"-Dtarget={target}", *goals]
         if maven_settings is not None:

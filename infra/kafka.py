@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 
@@ -192,3 +193,22 @@ async def topic_partitions_of(bootstrap: str, *topics: str) -> list[TopicPartiti
     """Every partition of the topics, in order, as aiokafka's TopicPartitions."""
     numbers = partition_numbers(bootstrap, *topics)
     return [TopicPartition(t, n) for t in topics for n in sorted(numbers[t])]
+
+
+async def partition_ends(bootstrap: str, topics: Collection[str],
+                         timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """Each existing partition's end offset (a missing topic has no entries)."""
+    import asyncio
+
+    assigned = await asyncio.to_thread(
+        lambda: [TopicPartition(t, n) for t, numbers in partition_numbers(bootstrap, *topics)
+                 .items() for n in sorted(numbers)])
+    if not assigned:
+        return {}
+    consumer = record_consumer(bootstrap, group_id=None, request_timeout_ms=int(timeout_s * 1000))
+    await asyncio.wait_for(consumer.start(), timeout_s)
+    try:
+        ends = await asyncio.wait_for(consumer.end_offsets(assigned), timeout_s)
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+    finally:
+        await stop_consumer(consumer)

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     relay_backoff_s: float = Field(default=0.5, gt=0)
     relay_max_backoff_s: float = Field(default=30.0, gt=0)
     relay_stats_interval_s: float = Field(default=5.0, gt=0)
+    # How often a relay compares the broker's partition ends with what it has
+    # published (besides after every error): a broker that lost history is
+    # re-filled in order before anything new goes out (ADR 0003).
+    relay_history_check_interval_s: float = Field(default=5.0, gt=0)
     outbox_retention_days: float = Field(default=7.0, gt=0)
 
     # Stream processors.

@@ -20,6 +20,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def relay_running() -> None:
         if not relay.running:
             raise RuntimeError("relay loop has no database session yet")
+        if why := relay.blocked():
+            raise RuntimeError(why)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -68,7 +68,7 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
         if next_at is not None and next_at > now:
             waiting.add(aggregate_id)
             continue
-        rows.append(Row(row_id, aggregate_id, version, topic, payload.encode(),
+        rows.append(Row(row_id, aggregate_id, lane, version, topic, payload.encode(),
                         [(k, str(v).encode()) for k, v in orjson.loads(headers).items()],
                         float(created)))
     return Batch(rows, None if waiting else cursor)

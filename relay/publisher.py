@@ -3,6 +3,7 @@ broker acknowledged. Runs in a worker thread: confluent-kafka blocks."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -19,6 +20,9 @@ PERMANENT = frozenset({
     KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError._INVALID_ARG,
     KafkaError.TOPIC_AUTHORIZATION_FAILED,
 })
+DISTURBANCES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                          KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_PRODUCER_ID,
+                          KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER})
 MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
@@ -26,6 +30,7 @@ MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN
 class Row:
     id: int
     aggregate_id: UUID
+    lane: int
     version: int
     topic: str
     value: bytes
@@ -37,6 +42,8 @@ class Row:
 class Outcome:
     acked_at: dict[int, float] = field(default_factory=dict)  # row id -> ack time
     errors: dict[int, tuple[str, bool]] = field(default_factory=dict)  # row id -> (why, permanent)
+    # row id -> (partition, offset) of each acknowledged row
+    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)
     missing_topic: bool = False
     fatal: str | None = None  # the producer is unusable and must be replaced
 
@@ -47,8 +54,11 @@ class Publisher:
             bootstrap,
             **{"message.timeout.ms": message_timeout_ms, "linger.ms": 2,
                "batch.num.messages": 10_000, "queue.buffering.max.messages": 200_000,
-               "max.in.flight.requests.per.connection": 5},
+               "max.in.flight.requests.per.connection": 5, "error_cb": self._error},
         ))
+        # Set when the connection to the broker broke: the broker may have come
+        # back empty, so the relay checks what it still holds before going on.
+        self.disturbed = threading.Event()
         self.flush_timeout_s = message_timeout_ms / 1000 + 5
 
     def publish(self, rows: list[Row]) -> Outcome:
@@ -57,9 +67,10 @@ class Publisher:
         outcome = Outcome()
         stopped: set[UUID] = set()
 
-        def delivered(row_id: int, err: KafkaError | None, _msg: Message) -> None:
+        def delivered(row_id: int, err: KafkaError | None, msg: Message) -> None:
             if err is None:
                 outcome.acked_at[row_id] = time.time()
+                outcome.offsets[row_id] = (msg.partition(), msg.offset())
                 return
             outcome.errors[row_id] = (f"{err.name()}: {err.str()}", err.code() in PERMANENT)
             if err.code() in MISSING_TOPIC:
@@ -96,6 +107,13 @@ class Publisher:
             # empty): librdkafka refuses to go on rather than risk reordering.
             outcome.fatal = exc.args[0].str()
         return outcome
+
+    def _error(self, error: KafkaError) -> None:
+        if error.code() in DISTURBANCES or error.fatal():
+            self.disturbed.set()
+
+    def serve_callbacks(self) -> None:
+        self.producer.poll(0)
 
     def discard_queued(self) -> None:
         """After losing the database session (and so the lanes), nothing queued

@@ -1,14 +1,17 @@
-"""`ringiflow outbox reconcile`: re-publish from the events table every event the
-Kafka topics lack (e.g. the embedded broker restarted empty).
+"""Re-publish from the events table every event the Kafka topics lack (e.g. a
+broker that restarted empty): `ringiflow outbox reconcile`, and a relay itself
+when it finds that the broker lost what it had acknowledged.
 
 Per aggregate, everything from the first missing version on is queued again,
 in version order, so the relay re-sends a complete ordered tail: duplicates are
-possible, gaps are not."""
+possible, gaps and reordering are not. The re-queue holds the outbox against
+appends (one short transaction per chunk of aggregates): an event committed
+while it runs is either in the re-queued tail or queued after it, never lost
+and never ahead of its predecessors (ADR 0003)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -18,8 +21,13 @@ from psycopg.types.json import Jsonb
 
 from contract import AggregateType, EventEnvelope, events_topic_name, record_headers
 from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
+from relay.lanes import LANES
 
 Progress = Callable[[str], None]
+
+CHUNK = 500  # aggregates per re-queue transaction: appends wait for one chunk only
+# As the outbox's lane column ("%%": the text goes into a query with parameters).
+LANE_OF = f"get_byte(uuid_send(aggregate_id), 15) %% {LANES}"
 
 
 @dataclass
@@ -67,64 +75,83 @@ async def event_ids_in_topic(bootstrap: str, topic: str) -> set[UUID]:
         await stop_consumer(consumer)
 
 
-async def reconcile(database_url: str, bootstrap: str, since: datetime, dry_run: bool,
+async def reconcile(database_url: str, bootstrap: str, since: datetime | None, dry_run: bool,
                     progress: Progress = lambda _m: None) -> list[TopicReport]:
-    reports = []
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        for aggregate_type in AggregateType:
-            topic = events_topic_name(aggregate_type)
-            report = TopicReport(topic)
-            progress(f"reading {topic} from Kafka")
-            present = await event_ids_in_topic(bootstrap, topic)
-            progress(f"{topic}: {len(present)} events in Kafka; comparing with the events table")
-            cur = await conn.execute(
-                "SELECT event_id, aggregate_id, version FROM event_store.events "
-                "WHERE aggregate_type = %s AND recorded_at >= %s ORDER BY aggregate_id, version",
-                (aggregate_type.value, since))
-            first_missing: dict[UUID, int] = {}
-            async for event_id, aggregate_id, version in cur:
-                report.events += 1
-                if event_id in present:
-                    report.in_kafka += 1
-                else:
-                    report.missing += 1
-                    first_missing.setdefault(aggregate_id, version)
-            report.aggregates = set(first_missing)
-            if first_missing and not dry_run:
-                report.requeued = await _requeue(conn, first_missing, since)
-                progress(f"{topic}: queued {report.requeued} events of "
-                         f"{len(first_missing)} aggregates for the relay")
-            reports.append(report)
+        return await reconcile_on(conn, bootstrap, since, dry_run, progress)
+
+
+async def reconcile_on(conn: psycopg.AsyncConnection, bootstrap: str, since: datetime | None,
+                       dry_run: bool, progress: Progress = lambda _m: None,
+                       lanes: Collection[int] | None = None) -> list[TopicReport]:
+    """Compare, per topic, the events table (inside the window; of the given lanes
+    only, for a relay) with the event ids the topic holds, and re-queue each
+    aggregate's tail from its first missing version."""
+    reports = []
+    for aggregate_type in AggregateType:
+        topic = events_topic_name(aggregate_type)
+        report = TopicReport(topic)
+        progress(f"reading {topic} from Kafka")
+        present = await event_ids_in_topic(bootstrap, topic)
+        progress(f"{topic}: {len(present)} events in Kafka; comparing with the events table")
+        cur = await conn.execute(
+            "SELECT event_id, aggregate_id, version FROM event_store.events "
+            "WHERE aggregate_type = %(type)s "
+            "AND (%(since)s::timestamptz IS NULL OR recorded_at >= %(since)s) "
+            f"AND (%(lanes)s::int[] IS NULL OR {LANE_OF} = ANY(%(lanes)s)) "
+            "ORDER BY aggregate_id, version",
+            {"type": aggregate_type.value, "since": since,
+             "lanes": sorted(lanes) if lanes is not None else None})
+        first_missing: dict[UUID, int] = {}
+        async for event_id, aggregate_id, version in cur:
+            report.events += 1
+            if event_id in present:
+                report.in_kafka += 1
+            else:
+                report.missing += 1
+                first_missing.setdefault(aggregate_id, version)
+        report.aggregates = set(first_missing)
+        if first_missing and not dry_run:
+            items = list(first_missing.items())
+            for start in range(0, len(items), CHUNK):
+                report.requeued += await _requeue(conn, dict(items[start:start + CHUNK]), since)
+            progress(f"{topic}: queued {report.requeued} events of "
+                     f"{len(first_missing)} aggregates for the relay")
+        reports.append(report)
     return reports
 
 
 async def _requeue(conn: psycopg.AsyncConnection, first_missing: dict[UUID, int],
-                   since: datetime) -> int:
+                   since: datetime | None) -> int:
     """Replace the outbox rows of each aggregate's tail with fresh pending rows,
-    inserted in version order (so their ids follow version order)."""
-    by_aggregate: dict[UUID, list[EventEnvelope]] = defaultdict(list)
+    inserted in version order (so their ids follow version order).
+
+    The lock keeps appends out for this one transaction (they wait; reads and
+    the relay's reads do not): the tail read after it holds every event
+    committed before it, and any append after it gets a higher id."""
+    ids, versions = list(first_missing), list(first_missing.values())
     async with conn.transaction():
+        await conn.execute("LOCK TABLE event_store.outbox IN SHARE ROW EXCLUSIVE MODE")
         cur = await conn.execute(
             "SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, "
             "e.aggregate_id, e.version, e.occurred_at, e.payload, e.aggregate, e.metadata "
             "FROM event_store.events e JOIN unnest(%s::uuid[], %s::int[]) AS m(id, v) "
-            "ON e.aggregate_id = m.id AND e.version >= m.v AND e.recorded_at >= %s "
+            "ON e.aggregate_id = m.id AND e.version >= m.v "
+            "AND (%s::timestamptz IS NULL OR e.recorded_at >= %s) "
             "ORDER BY e.aggregate_id, e.version",
-            (list(first_missing), list(first_missing.values()), since))
+            (ids, versions, since, since))
         columns = [c.name for c in cur.description or []]
-        for row in await cur.fetchall():
-            envelope = EventEnvelope.model_validate(dict(zip(columns, row, strict=True)))
-            by_aggregate[envelope.aggregate_id].append(envelope)
+        envelopes = [EventEnvelope.model_validate(dict(zip(columns, row, strict=True)))
+                     for row in await cur.fetchall()]
         await conn.execute(
             "DELETE FROM event_store.outbox o USING unnest(%s::uuid[], %s::int[]) AS m(id, v) "
-            "WHERE o.aggregate_id = m.id AND o.version >= m.v",
-            (list(first_missing), list(first_missing.values())))
+            "WHERE o.aggregate_id = m.id AND o.version >= m.v", (ids, versions))
         rows = [
             (e.event_id, e.tenant_id, e.aggregate_type.value, e.aggregate_id, e.version,
              e.event_type, events_topic_name(e.aggregate_type),
              Jsonb(e.model_dump(mode="json")),
              Jsonb({k: v.decode() for k, v in record_headers(e)}))
-            for envelopes in by_aggregate.values() for e in envelopes
+            for e in envelopes
         ]
         async with conn.cursor() as cursor:
             await cursor.executemany(

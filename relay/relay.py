@@ -18,15 +18,20 @@ from datetime import timedelta
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 
+from contract import AggregateType, events_topic_name
 from infra import kafka
 from infra.settings import Settings, libpq_url
 from relay import outbox
 from relay.lanes import Lanes
+from relay.marks import Marks
 from relay.publisher import Outcome, Publisher, Row
+from relay.reconcile import reconcile_on
 
 log = logging.getLogger("ringiflow.relay")
 
 TOPIC_CHECK_INTERVAL_S = 5.0
+MARKS_FLUSH_INTERVAL_S = 1.0
+EVENT_TOPICS = tuple(events_topic_name(t) for t in AggregateType)
 
 PUBLISHED = Counter("ringiflow_relay_published_total", "Outbox rows acknowledged by Kafka")
 FAILURES = Counter("ringiflow_relay_failures_total", "Rows not acknowledged", ["kind"])
@@ -34,6 +39,8 @@ BACKLOG = Gauge("ringiflow_relay_backlog", "Pending outbox rows")
 OLDEST_AGE = Gauge("ringiflow_relay_oldest_pending_age_seconds", "Age of the oldest pending row")
 FAILED_ROWS = Gauge("ringiflow_relay_failed_rows", "Rows marked failed (their aggregate waits)")
 LANES_OWNED = Gauge("ringiflow_relay_lanes_owned", "Lanes this relay publishes")
+HISTORY_LOSSES = Counter("ringiflow_relay_history_losses_total",
+                         "Times the broker was found without events it had acknowledged")
 LATENCY = Histogram("ringiflow_relay_commit_to_ack_seconds", "Outbox insert to broker ack",
                     buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
@@ -47,6 +54,16 @@ class Relay:
     running: bool = False
     publisher: Publisher = field(init=False)
     topics_checked_at: float = 0.0
+    marks: Marks = field(default_factory=Marks)
+    marks_flushed_at: float = 0.0
+    # Why nothing can be published now (readiness is red while either is set).
+    publish_error: str | None = None
+    history_problem: str | None = None
+    suspect: bool = True  # check the broker's history before the next batch
+    history_checked_at: float = 0.0
+
+    def blocked(self) -> str | None:
+        return self.history_problem or self.publish_error
 
     @property
     def url(self) -> str:
@@ -86,45 +103,65 @@ class Relay:
         marked while N+1 is produced. An aggregate is never in two batches in
         flight, and after any unacknowledged row the next read starts over from
         the oldest pending row, so nothing overtakes what it follows."""
-        s = self.settings
         connect = psycopg.AsyncConnection.connect
         async with await connect(self.url, autocommit=True) as conn, \
                 await connect(self.url, autocommit=True) as reader:
             await self.lanes.join(conn)
-            next_rebalance = 0.0
-            self.running = True
-            inflight: tuple[outbox.Batch, asyncio.Future[Outcome]] | None = None
-            while not self.stop.is_set() or inflight:
-                if inflight is None and time.monotonic() >= next_rebalance:
-                    await self.lanes.rebalance(conn)
-                    LANES_OWNED.set(len(self.lanes.owned))
-                    next_rebalance = time.monotonic() + s.relay_rebalance_interval_s
-                self.wake.clear()
-                ahead = None
-                # Reading ahead pays off only under load; a small batch means the
-                # backlog is drained, and a plain read after it is quicker.
-                if inflight is not None and inflight[0].cursor is not None and \
-                        len(inflight[0].rows) >= s.relay_batch_size // 2 and \
-                        not self.stop.is_set() and time.monotonic() < next_rebalance:
-                    ahead = asyncio.ensure_future(outbox.fetch_batch(
-                        reader, self.lanes.owned, s.relay_batch_size, inflight[0].cursor))
-                if inflight is not None:
-                    batch, producing = inflight
-                    recorded = await self._mark(conn, batch.rows, await producing)
-                    inflight = None
-                    if ahead is not None:
-                        following = await ahead
-                        if not recorded.broken:
-                            inflight = self._produce(following)
-                            continue
-                    continue  # start over from the oldest pending row
-                if self.stop.is_set():
-                    break
-                batch = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
-                if batch.rows:
-                    inflight = self._produce(batch)
-                    continue
-                await self._sleep(s.relay_poll_interval_s, self.wake)
+            self.marks = Marks()
+            self.suspect = True
+            try:
+                await self._publish_loop(conn, reader)
+            finally:
+                if not conn.closed:
+                    with contextlib.suppress(psycopg.Error):
+                        await self.marks.flush(conn)
+
+    async def _publish_loop(self, conn: psycopg.AsyncConnection,
+                            reader: psycopg.AsyncConnection) -> None:
+        s = self.settings
+        next_rebalance = 0.0
+        self.running = True
+        inflight: tuple[outbox.Batch, asyncio.Future[Outcome]] | None = None
+        while not self.stop.is_set() or inflight:
+            if inflight is None and time.monotonic() >= next_rebalance:
+                before = set(self.lanes.owned)
+                await self.lanes.rebalance(conn)
+                LANES_OWNED.set(len(self.lanes.owned))
+                next_rebalance = time.monotonic() + s.relay_rebalance_interval_s
+                self.marks.drop(before - self.lanes.owned)
+                if gained := self.lanes.owned - before:
+                    await self.marks.load(conn, gained)
+                    self.suspect = True
+            if inflight is None and not self.stop.is_set() and \
+                    not await self._history_intact(conn):
+                await self._sleep(1.0)
+                continue
+            self.wake.clear()
+            ahead = None
+            # Reading ahead pays off only under load; a small batch means the
+            # backlog is drained, and a plain read after it is quicker.
+            if inflight is not None and inflight[0].cursor is not None and \
+                    len(inflight[0].rows) >= s.relay_batch_size // 2 and \
+                    not self.stop.is_set() and time.monotonic() < next_rebalance:
+                ahead = asyncio.ensure_future(outbox.fetch_batch(
+                    reader, self.lanes.owned, s.relay_batch_size, inflight[0].cursor))
+            if inflight is not None:
+                batch, producing = inflight
+                recorded = await self._mark(conn, batch.rows, await producing)
+                inflight = None
+                if ahead is not None:
+                    following = await ahead
+                    if not recorded.broken and not self.suspect:
+                        inflight = self._produce(following)
+                        continue
+                continue  # start over from the oldest pending row
+            if self.stop.is_set():
+                break
+            batch = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
+            if batch.rows:
+                inflight = self._produce(batch)
+                continue
+            await self._sleep(s.relay_poll_interval_s, self.wake)
 
     def _produce(self, batch: outbox.Batch) -> tuple[outbox.Batch, asyncio.Future[Outcome]] | None:
         if not batch.rows:
@@ -144,14 +181,71 @@ class Relay:
         if (result.missing_topic or result.errors) and \
                 time.monotonic() - self.topics_checked_at > TOPIC_CHECK_INTERVAL_S:
             await self._ensure_topics()
+        regressed = self.marks.advance(rows, result)
+        if regressed:
+            log.critical("Kafka acknowledged records at offsets below earlier ones in %s: "
+                         "the broker lost history; checking it before going on",
+                         ", ".join(regressed))
+            self.suspect = True
         recorded = await outbox.record(conn, rows, result, s.relay_max_attempts,
                                        s.relay_backoff_s, s.relay_max_backoff_s)
+        if recorded.published:
+            self.publish_error = None
+        elif result.errors or result.fatal:
+            why = result.fatal or next(iter(result.errors.values()))[0]
+            self.publish_error = f"Kafka does not acknowledge ({why}); the rows wait in the outbox"
+        if result.errors or result.fatal:
+            self.suspect = True
+        if time.monotonic() - self.marks_flushed_at >= MARKS_FLUSH_INTERVAL_S:
+            await self.marks.flush(conn)
+            self.marks_flushed_at = time.monotonic()
         PUBLISHED.inc(recorded.published)
         FAILURES.labels("transient").inc(recorded.retried)
         FAILURES.labels("permanent").inc(recorded.failed)
         for latency in recorded.latencies_s:
             LATENCY.observe(latency)
         return recorded
+
+    async def _history_intact(self, conn: psycopg.AsyncConnection) -> bool:
+        """Between batches, when due: does every partition still reach as far as
+        this relay's lanes were acknowledged there? If not, the broker lost
+        history: re-queue the lanes' tails from the events table (in version
+        order, ahead of anything new) before publishing again."""
+        self.publisher.serve_callbacks()
+        if self.publisher.disturbed.is_set():
+            self.publisher.disturbed.clear()
+            self.suspect = True
+        due = self.history_checked_at + self.settings.relay_history_check_interval_s
+        if not self.suspect and time.monotonic() < due:
+            return True
+        bootstrap = self.settings.require("kafka_bootstrap")
+        try:
+            ends = await kafka.partition_ends(bootstrap, EVENT_TOPICS)
+        except Exception as exc:
+            self.history_problem = ("cannot read the broker's partition ends "
+                                    f"({type(exc).__name__}: {exc}); nothing is published "
+                                    "until it can")
+            log.warning("%s", self.history_problem)
+            return False
+        lost = self.marks.lost(ends, self.lanes.owned)
+        if lost:
+            HISTORY_LOSSES.inc()
+            self.history_problem = ("Kafka lost events it had acknowledged (" + "; ".join(lost[:3])
+                                    + "): re-publishing them in order from the events table")
+            log.critical("%s", self.history_problem)
+            self.publisher.discard_queued()
+            if {t for t, _p in ends} < set(EVENT_TOPICS):
+                await self._ensure_topics()
+            reports = await reconcile_on(conn, bootstrap, None, False, log.warning,
+                                         lanes=self.lanes.owned)
+            await self.marks.forget(conn, self.lanes.owned)
+            log.warning("re-queued %d events of %d aggregates in version order",
+                        sum(r.requeued for r in reports),
+                        sum(len(r.aggregates) for r in reports))
+        self.history_problem = None
+        self.suspect = False
+        self.history_checked_at = time.monotonic()
+        return True
 
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         waiters = [asyncio.ensure_future(self.stop.wait())]

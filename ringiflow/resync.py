@@ -164,19 +164,92 @@ def _same(a: Any, b: Any) -> bool:
     return (str(a) if a is not None else None) == (str(b) if b is not None else None)
 
 
+# History rows the events table implies and the read model lacks, and the reverse.
+HISTORY_GAPS = """
+SELECT e.aggregate_id, e.version, 'missing' AS state FROM event_store.events e
+WHERE e.aggregate_type = 'workflow' AND (%(tenant)s::uuid IS NULL OR e.tenant_id = %(tenant)s)
+  AND NOT EXISTS (SELECT 1 FROM read_model.workflow_history h WHERE h.event_id = e.event_id)
+UNION ALL
+SELECT h.workflow_id, h.version, 'unexpected' FROM read_model.workflow_history h
+WHERE (%(tenant)s::uuid IS NULL OR h.tenant_id = %(tenant)s)
+  AND NOT EXISTS (SELECT 1 FROM event_store.events e WHERE e.event_id = h.event_id
+                  AND e.aggregate_id = h.workflow_id AND e.version = h.version)
+ORDER BY 1, 2
+"""
+
+
 def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Difference]:
-    """Compare workflow_read_models with the newest snapshot of every workflow in
-    the events table."""
+    """Compare everything workflow-projector holds with the events table: each
+    workflow row, its steps and open tasks with the workflow's newest snapshot,
+    its history with its events (one row each), and the users and definitions
+    with theirs."""
+    where = " WHERE tenant_id = %s" if tenant else ""
+    args = [tenant] if tenant else []
     with psycopg.connect(libpq_url(settings.require("database_url")),
                          row_factory=dict_row) as conn:
         actual = {r["id"]: r for r in conn.execute(
             "SELECT id, status, title, priority, last_event_version, current_assignee_id "
-            "FROM read_model.workflow_read_models" + (" WHERE tenant_id = %s" if tenant else ""),
-            [tenant] if tenant else []).fetchall()}
-    return _compare(_newest_snapshots(settings, Scope(tenant)), actual, "row", lambda row: {
+            "FROM read_model.workflow_read_models" + where, args).fetchall()}
+        steps: dict[UUID, dict[str, Any]] = {}
+        for r in conn.execute("SELECT workflow_id, step_id, status, assignee_id, step_order "
+                              "FROM read_model.workflow_steps" + where, args).fetchall():
+            steps.setdefault(r["workflow_id"], {})[str(r["step_id"])] = \
+                (r["status"], str(r["assignee_id"]), r["step_order"])
+        tasks: dict[UUID, set[tuple[str, str]]] = {}
+        for r in conn.execute("SELECT workflow_id, step_id, assignee_id "
+                              "FROM read_model.my_tasks" + where, args).fetchall():
+            tasks.setdefault(r["workflow_id"], set()).add((str(r["step_id"]),
+                                                           str(r["assignee_id"])))
+        gaps = conn.execute(HISTORY_GAPS, {"tenant": tenant}).fetchall()
+        others = {(kind, r["id"]): r["version"] for kind in ("users", "definitions")
+                  for r in conn.execute(f"SELECT id, version FROM read_model.{kind}" + where,
+                                        args).fetchall()}
+    snapshots = _newest_snapshots(settings, Scope(tenant))
+    differences = _compare(snapshots, actual, "row", lambda row: {
         "last_event_version": row["version"], "status": row["aggregate"]["status"],
         "title": row["aggregate"]["title"], "priority": row["aggregate"]["priority"],
         "current_assignee_id": row["aggregate"].get("current_assignee_id")})
+    for row in snapshots:
+        wid, snapshot = row["aggregate_id"], row["aggregate"]
+        wanted = {str(st["step_id"]): (st["status"], str(st.get("assignee_id")), st["order"])
+                  for st in snapshot.get("steps", [])}
+        if steps.pop(wid, {}) != wanted:
+            differences.append(Difference(wid, "steps", sorted(wanted.items()),
+                                          "different (status, assignee or order)"))
+        open_tasks = {(str(st["step_id"]), str(st.get("assignee_id")))
+                      for st in snapshot.get("steps", [])
+                      if snapshot["status"] == "in_progress" and st["status"] == "pending"}
+        have = tasks.pop(wid, set())
+        if have != open_tasks:
+            differences.append(Difference(wid, "my_tasks", sorted(open_tasks), sorted(have)))
+    differences += [Difference(wid, "steps", "absent", "present") for wid in steps]
+    differences += [Difference(wid, "my_tasks", "absent", sorted(t)) for wid, t in tasks.items()]
+    differences += [Difference(r["aggregate_id"], "history", f"v{r['version']} "
+                               + ("present" if r["state"] == "missing" else "absent"),
+                               r["state"]) for r in gaps]
+    differences += _verify_versions(settings, tenant, others)
+    return differences
+
+
+def _verify_versions(settings: Settings, tenant: UUID | None,
+                     actual: dict[tuple[str, UUID], int]) -> list[Difference]:
+    """Users and definitions: the row's version is the newest event's."""
+    where, params = Scope(tenant).where()
+    with psycopg.connect(libpq_url(settings.require("database_url")),
+                         row_factory=dict_row) as conn:
+        newest = conn.execute(
+            "SELECT DISTINCT ON (aggregate_id) aggregate_type, aggregate_id, version "
+            f"FROM event_store.events WHERE aggregate_type IN ('user', 'definition') "
+            f"AND {where} ORDER BY aggregate_id, version DESC", params).fetchall()
+    differences = []
+    for row in newest:
+        kind = "users" if row["aggregate_type"] == "user" else "definitions"
+        have = actual.pop((kind, row["aggregate_id"]), None)
+        if have != row["version"]:
+            differences.append(Difference(row["aggregate_id"], f"{kind}.version",
+                                          row["version"], have))
+    return differences + [Difference(aid, f"{kind}.version", "absent", version)
+                          for (kind, aid), version in actual.items()]
 
 
 def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, int]]:

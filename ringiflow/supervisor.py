@@ -1,12 +1,19 @@
 """`ringiflow up`: embedded infrastructure, migrations, topics, then the
 application processes, each restarted with backoff when it crashes.
 
-Children get a parent-death signal, so nothing outlives the supervisor, even
-when the supervisor itself is SIGKILLed.
+An embedded server that dies is started again on its data and port, with
+backoff, and the processes that depend on it are restarted with it. Redis and
+OpenSearch are degradable: while they are down (or after `up` gave up on them)
+the system serves what it can. PostgreSQL and Kafka are not: after a bounded
+number of failed restarts `up` stops, naming the server and its log.
+
+Children get a parent-death signal (SIGKILL), so nothing outlives the
+supervisor, even when the supervisor itself is SIGKILLed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.embedded import EmbeddedError, EmbeddedStack, claim_port, die_with_parent
+from infra.embedded import EmbeddedError, EmbeddedStack, Server, claim_port, die_with_parent
 from infra.provision import provision
 from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url
 from ringiflow.components import COMPONENTS, Component
@@ -29,6 +36,26 @@ log = logging.getLogger("ringiflow.up")
 INITIAL_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0  # a child that ran this long gets its backoff reset
+SERVER_RESTART_TRIES = 5  # 1 + 2 + 4 + 8 + 16 s of backoff, then give up
+STOP_GRACE_S = 10.0
+
+# Servers the system keeps serving without (SPEC: caches, counters and search degrade).
+DEGRADABLE = {"redis_url": "the dashboard counters, caches and live updates",
+              "opensearch_url": "search"}
+# Processes restarted with a server: a broker may come back without the topics,
+# offsets and producer state they hold (the relay then re-fills it in order).
+DEPENDENTS = {"kafka_bootstrap": ("relay", "workers")}
+
+
+@dataclass
+class ServerWatch:
+    """Restart bookkeeping of one embedded server."""
+
+    tries: int = 0
+    backoff: float = INITIAL_BACKOFF_S
+    restart_at: float | None = None
+    given_up: bool = False
+    up_since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -41,6 +68,7 @@ class Child:
     restarts: int = 0
     backoff: float = INITIAL_BACKOFF_S
     restart_at: float | None = None
+    held: bool = False  # stopped on purpose until the server it depends on is back
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,21 +76,27 @@ class Child:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ringiflow", "run", self.component.name],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(),
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         self.started_at = time.monotonic()
         self.restart_at = None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
+        """SIGTERM, SIGKILL after the grace period, then SIGKILL for anything left
+        in the child's process group (the workers' Faust processes live there)."""
+        if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.component.name, timeout)
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.component.name,
+                            timeout)
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -72,6 +106,8 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
+    watches: dict[str, ServerWatch] = field(default_factory=dict)
+    exit_code: int = 0
 
     def __post_init__(self) -> None:
         self.stack = EmbeddedStack(self.settings.data_path, self.settings.startup_timeout_s)
@@ -105,7 +141,7 @@ class Supervisor:
             self._print_endpoints(urls, time.monotonic() - started)
             while not self.stopping.wait(0.5):
                 self._supervise()
-            return 0
+            return self.exit_code
         finally:
             self.shutdown()
 
@@ -176,15 +212,15 @@ class Supervisor:
             time.sleep(0.1)
 
     def _supervise(self) -> None:
-        now = time.monotonic()
-        for server in self.stack.servers.values():
-            if not server.alive():
-                log.error("embedded %s died (code %s); see %s. Stopping: restart `ringiflow up`.",
-                          server.name, server.process.returncode, server.log_path)
-                self.stopping.set()
+        for key in list(self.stack.servers):
+            self._watch_server(key)
+            if self.stopping.is_set():
                 return
+        now = time.monotonic()
         for child in self.children:
             assert child.process is not None
+            if child.held:
+                continue
             code = child.process.poll()
             if code is None:
                 if now - child.started_at > STABLE_AFTER_S:
@@ -200,6 +236,77 @@ class Supervisor:
                 child.start()
                 log.warning("%s restarted (restart #%d)", child.component.name, child.restarts)
                 self._write_runtime(self.urls)
+
+    def _watch_server(self, key: str) -> None:
+        """Restart a dead embedded server (same data, same port) with backoff, and
+        the processes that depend on it; give up after SERVER_RESTART_TRIES."""
+        server = self.stack.servers[key]
+        watch = self.watches.setdefault(key, ServerWatch())
+        now = time.monotonic()
+        if watch.given_up:
+            return
+        if server.alive():
+            if watch.tries and now - watch.up_since > STABLE_AFTER_S:
+                watch.tries, watch.backoff = 0, INITIAL_BACKOFF_S
+            return
+        if watch.restart_at is None:
+            impact = (f"degraded: {DEGRADABLE[key]} unavailable meanwhile"
+                      if key in DEGRADABLE else "the system waits for it")
+            log.error("embedded %s died (code %s; log %s); restarting it in %.0f s, %s",
+                      server.name, server.process.returncode, server.log_path, watch.backoff,
+                      impact)
+            watch.restart_at = now + watch.backoff
+            for child in self._dependents(key):
+                log.warning("stopping %s until %s is back", child.component.name, server.name)
+                child.held = True
+                child.stop()
+            return
+        if now < watch.restart_at:
+            return
+        watch.tries += 1
+        try:
+            restarted = self.stack.restart(key)
+        except Exception as exc:  # whatever stops it from starting, the same backoff
+            if watch.tries >= SERVER_RESTART_TRIES:
+                self._give_up(key, server, watch, exc)
+                return
+            watch.backoff = min(watch.backoff * 2, MAX_BACKOFF_S)
+            watch.restart_at = now + watch.backoff
+            log.error("embedded %s did not start again (try %d of %d): %s; next try in %.0f s",
+                      server.name, watch.tries, SERVER_RESTART_TRIES, exc, watch.backoff)
+            return
+        watch.restart_at, watch.up_since = None, time.monotonic()
+        watch.backoff = min(watch.backoff * 2, MAX_BACKOFF_S)
+        log.warning("embedded %s restarted at %s (restart #%d)", restarted.name, restarted.url,
+                    watch.tries)
+        if key == "kafka_bootstrap":
+            from infra.kafka import ensure_topics
+
+            ensure_topics(restarted.url)  # a memory broker comes back without them
+        for child in self._dependents(key):
+            child.held = False
+            child.restarts += 1
+            child.start()
+        self._write_runtime(self.urls)
+
+    def _give_up(self, key: str, server: Server, watch: ServerWatch,
+                 error: Exception) -> None:
+        watch.given_up = True
+        if key in DEGRADABLE:
+            log.critical("gave up restarting embedded %s after %d tries (%s; log %s): "
+                         "RingiFlow keeps running without %s; restart `ringiflow up` to "
+                         "bring it back", server.name, watch.tries, error, server.log_path,
+                         DEGRADABLE[key])
+            return
+        log.critical("gave up restarting embedded %s after %d tries (%s); its log is %s. "
+                     "Stopping: fix the cause, then run `ringiflow up` again", server.name,
+                     watch.tries, error, server.log_path)
+        self.exit_code = 1
+        self.stopping.set()
+
+    def _dependents(self, key: str) -> list[Child]:
+        names = DEPENDENTS.get(key, ())
+        return [c for c in self.children if c.component.name in names]
 
     def _write_runtime(self, urls: dict[str, str]) -> None:
         runtime = {

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,6 +25,10 @@ from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 
 log = logging.getLogger("ringiflow.workers")
+
+# Below the supervisor's own grace for this process, so the workers are gone
+# before it would SIGKILL us (and them, by the parent-death signal).
+STOP_GRACE_S = 6.0
 
 
 @dataclass
@@ -46,15 +51,23 @@ class WorkerProcess:
                 [sys.executable, "-m", "ringiflow", "projector", self.group,
                  "--port", str(self.port)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent())
+                # SIGKILL, not SIGTERM: a worker shutting down against a dead broker
+                # ignores SIGTERM, and would outlive `up` (nothing it holds needs a
+                # goodbye: an unacknowledged batch is redelivered). In this process's
+                # group, so whoever stops this process can sweep the group.
+                preexec_fn=die_with_parent(signal.SIGKILL, own_group=False))
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM, then SIGKILL after the grace period: bounded, whatever Faust does."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(20)
+                self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop within %.0f s; killing it", self.group,
+                            grace_s)
                 self.process.kill()
+                self.process.wait()
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -7,22 +7,45 @@ aggregates keep flowing. Re-driving replays the parked sequence in order."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 from uuid import UUID
 
+import psycopg
 from confluent_kafka import KafkaException
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from contract import dlq_topic
 from infra.kafka import producer
 from projectors.projection import Store
 
 log = logging.getLogger("ringiflow.dlq")
+T = TypeVar("T")
+
+SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+async def until_reachable(what: str, work: Callable[[], Awaitable[T]],
+                             max_delay_s: float = 5.0) -> T:
+    """Run `work`, again and again while PostgreSQL cannot be reached or drops the
+    session (restart, pg_terminate_backend, failover): a store outage, to be
+    waited out, never a reason for the worker to exit. Cancellation (shutdown)
+    ends the wait."""
+    delay = 0.1
+    while True:
+        try:
+            return await work()
+        except SESSION_LOST as exc:
+            log.warning("%s: PostgreSQL session lost (%s: %s); retrying in %.1f s", what,
+                        type(exc).__name__, str(exc).strip()[:200], delay)
+            await asyncio.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
 
 
 @dataclass(frozen=True)
@@ -94,19 +117,26 @@ class DeadLetters:
         """Which of these aggregates wait behind a dead letter (-> its event id)."""
         if not aggregate_ids:
             return {}
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT aggregate_id, first_event_id FROM streams.parked_aggregates "
-                "WHERE consumer_group = %s AND aggregate_id = ANY(%s)",
-                (self.group, list(aggregate_ids)))
-            return dict(await cur.fetchall())
+
+        async def read() -> dict[UUID, UUID]:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT aggregate_id, first_event_id FROM streams.parked_aggregates "
+                    "WHERE consumer_group = %s AND aggregate_id = ANY(%s)",
+                    (self.group, list(aggregate_ids)))
+                return dict(await cur.fetchall())
+
+        return await until_reachable(f"{self.group} parked aggregates", read)
 
     async def count(self) -> int:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM streams.parked_aggregates "
-                                     "WHERE consumer_group = %s", (self.group,))
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
+        async def read() -> int:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT count(*) FROM streams.parked_aggregates "
+                                         "WHERE consumer_group = %s", (self.group,))
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
+
+        return await until_reachable(f"{self.group} parked count", read)
 
     async def send(self, failures: Sequence[Failure]) -> None:
         """Write the records to the DLQ topic (acknowledged before returning: the
@@ -125,10 +155,14 @@ class DeadLetters:
         remaining = self.producer.flush(30)
         if remaining or errors:
             raise KafkaException(f"DLQ {self.topic} did not acknowledge: {errors[:3]}")
-        async with self.pool.connection() as conn, conn.transaction():
-            for failure in failures:
-                if failure.aggregate_id is not None:
-                    await self._park(conn, failure)
+        # An upsert: a retry after a commit whose answer was lost at worst counts twice.
+        async def park() -> None:
+            async with self.pool.connection() as conn, conn.transaction():
+                for failure in failures:
+                    if failure.aggregate_id is not None:
+                        await self._park(conn, failure)
+
+        await until_reachable(f"{self.group} parking", park)
         for failure in failures:
             log.error("%s %s event %s (%s v%s, from %s[%d]@%d) to %s: %s: %s", self.group,
                       failure.reason, failure.event_id, failure.aggregate_type,

@@ -194,6 +194,46 @@ def test_replay_from_the_events_table_then_verify_and_repair(fresh_db: Settings)
     assert single["aggregates"] == 1 and single["events"] == workflows[0].version
 
 
+def test_verify_compares_history_steps_tasks_and_users_not_only_the_row(
+    fresh_db: Settings,
+) -> None:
+    """A read model can match on its top row and still miss a history row (as a
+    reconcile that dropped events once left it): verify must see every table."""
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    world = _world_in(fresh_db, workflows=6)
+    assert ringiflow(fresh_db, "replay", "workflow-projector").returncode == 0
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+    workflows = [s for s in world.states.values() if hasattr(s, "current_step_id")]
+    open_one = next(w for w in workflows if w.status.value == "in_progress")
+    users = [s for s in world.states.values() if hasattr(s, "display_name")]
+    gap = next(w for w in workflows if w.version >= 2).id
+    stepless, taskless = workflows[1].id, open_one.id
+    with psycopg.connect(libpq_url(fresh_db.database_url or ""), autocommit=True) as conn:
+        conn.execute("DELETE FROM read_model.workflow_history WHERE workflow_id = %s "
+                     "AND version = 2", (gap,))
+        conn.execute("UPDATE read_model.workflow_steps SET status = 'approved' "
+                     "WHERE workflow_id = %s", (stepless,))
+        conn.execute("DELETE FROM read_model.my_tasks WHERE workflow_id = %s", (taskless,))
+        conn.execute("UPDATE read_model.users SET version = version - 1 WHERE id = %s",
+                     (users[0].id,))
+    found = ringiflow(fresh_db, "verify", "workflow-projector", "--json")
+    assert found.returncode == 1, found.stdout
+    diffs = json.loads(found.stdout)["differences"]
+    fields = {(d["aggregate_id"], d["field"]) for d in diffs}
+    assert (str(gap), "history") in fields
+    assert {"aggregate_id": str(gap), "field": "history", "expected": "v2 present",
+            "actual": "missing"} in diffs
+    assert (str(stepless), "steps") in fields
+    assert (str(taskless), "my_tasks") in fields
+    assert (str(users[0].id), "users.version") in fields
+    repaired = ringiflow(fresh_db, "verify", "workflow-projector", "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout
+    assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
 async def test_search_rebuild_is_blue_green_with_no_failed_or_empty_query(
     fresh_db: Settings,
 ) -> None:

@@ -1,0 +1,91 @@
+"""How far the broker has acknowledged each lane in each partition, and whether
+it still holds that: a broker that restarted empty (or lost a partition's tail)
+must be re-filled in version order before anything new goes out, or a consumer
+would see version 15 of an aggregate before versions 1..14 (ADR 0003).
+
+Kept in memory as acknowledgements arrive, written to event_store.relay_marks
+at most once a second and at shutdown, read back when a relay takes a lane."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from psycopg import AsyncConnection
+
+from relay.publisher import Outcome, Row
+
+Key = tuple[int, str, int]  # lane, topic, partition
+
+
+@dataclass
+class Marks:
+    next_offset: dict[Key, int] = field(default_factory=dict)
+    dirty: set[Key] = field(default_factory=set)
+
+    def advance(self, rows: Iterable[Row], outcome: Outcome) -> list[str]:
+        """Record what was acknowledged; name any partition whose offsets went
+        back (the broker lost history between two checks)."""
+        regressed = []
+        for row in rows:
+            where = outcome.offsets.get(row.id)
+            if where is None:
+                continue
+            partition, offset = where
+            key = (row.lane, row.topic, partition)
+            known = self.next_offset.get(key, 0)
+            if offset >= known:
+                self.next_offset[key] = offset + 1
+                self.dirty.add(key)
+            elif f"{row.topic}[{partition}]" not in regressed:
+                # The broker never hands out an offset twice: a new record below one
+                # already acknowledged means the partition's log started over.
+                regressed.append(f"{row.topic}[{partition}]")
+        return regressed
+
+    def lost(self, ends: dict[tuple[str, int], int], lanes: Collection[int]) -> list[str]:
+        """Partitions that end before what these lanes had acknowledged there."""
+        found = {}
+        for (lane, topic, partition), offset in self.next_offset.items():
+            end = ends.get((topic, partition), 0)
+            if lane in lanes and end < offset:
+                found[(topic, partition)] = max(offset, found.get((topic, partition), 0))
+        return [f"{topic}[{partition}] ends at {ends.get((topic, partition), 0)}, "
+                f"{offset} were acknowledged"
+                for (topic, partition), offset in sorted(found.items())]
+
+    async def load(self, conn: AsyncConnection, lanes: Collection[int]) -> None:
+        cur = await conn.execute(
+            "SELECT lane, topic, partition, next_offset FROM event_store.relay_marks "
+            "WHERE lane = ANY(%s)", (list(lanes),))
+        for lane, topic, partition, offset in await cur.fetchall():
+            key = (lane, topic, partition)
+            self.next_offset[key] = max(offset, self.next_offset.get(key, 0))
+
+    async def flush(self, conn: AsyncConnection) -> None:
+        if not self.dirty:
+            return
+        keys = sorted(self.dirty)
+        await conn.execute(
+            "INSERT INTO event_store.relay_marks AS m (lane, topic, partition, next_offset) "
+            "SELECT * FROM unnest(%s::smallint[], %s::text[], %s::int[], %s::bigint[]) "
+            "ON CONFLICT (lane, topic, partition) DO UPDATE SET "
+            "next_offset = greatest(m.next_offset, EXCLUDED.next_offset), "
+            "updated_at = clock_timestamp()",
+            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+             [self.next_offset[k] for k in keys]))
+        self.dirty.clear()
+
+    async def forget(self, conn: AsyncConnection, lanes: Collection[int]) -> None:
+        """After the lanes' history was re-queued: the broker's new log starts over."""
+        await conn.execute("DELETE FROM event_store.relay_marks WHERE lane = ANY(%s)",
+                           (list(lanes),))
+        for key in [k for k in self.next_offset if k[0] in lanes]:
+            del self.next_offset[key]
+            self.dirty.discard(key)
+
+    def drop(self, lanes: Collection[int]) -> None:
+        """Lanes handed to another relay: their marks are its business now."""
+        for key in [k for k in self.next_offset if k[0] in lanes]:
+            del self.next_offset[key]
+            self.dirty.discard(key)
