@@ -262,3 +262,109 @@ def test_a_second_up_resumes_on_apache_kafka_without_reprojecting(
         asyncio.run(load(secret, up.runtime()["urls"]["database_url"], 2))
         caught_up(up)
         assert _processed(workers) > 0
+
+
+def _output_until(up: Up, needle: str, timeout: float) -> str:
+    """Read `up`'s output until a line holds the needle."""
+    assert up.process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = up.process.stdout.readline()
+        if line:
+            up.output.append(line)
+            if needle in line:
+                return line
+            continue
+        if up.process.poll() is not None:
+            up.output.extend(up.process.stdout.readlines())
+            return next((line for line in up.output if needle in line), "")
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} not in the output:\n" + "".join(up.output[-40:]))
+
+
+def _listening_pid(url: str) -> int:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return next(c.pid for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)
+
+
+def _of_data_dir(data_dir: str) -> list[psutil.Process]:
+    """Every process started for this data dir (by its environment or arguments)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("RINGIFLOW_DATA_DIR") == data_dir or \
+                    any(data_dir in arg for arg in process.cmdline()):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_nothing_outlives_up_when_the_broker_dies_during_shutdown(
+    cli_env: dict[str, str],
+) -> None:
+    """The fault probe's five Faust workers, ppid 1, retrying a dead broker for
+    16 minutes: now every worker is SIGKILLed after a bounded grace."""
+    with running(cli_env) as up:
+        data_dir = str(up.data_dir)
+        broker = _listening_pid(up.runtime()["urls"]["kafka_bootstrap"])
+        assert len(_of_data_dir(data_dir)) >= 10
+        started = time.monotonic()
+        up.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the children are stopping now
+        psutil.Process(broker).kill()
+        up.process.wait(120)
+        elapsed = time.monotonic() - started
+    alive = wait_gone(_of_data_dir(data_dir), timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert elapsed < 90, f"shutdown took {elapsed:.0f} s"
+
+
+def test_a_degradable_server_that_cannot_come_back_degrades_and_the_rest_serves(
+    cli_env: dict[str, str],
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from tests.helpers import Tenant
+
+    commands = f"http://127.0.0.1:{cli_env['RINGIFLOW_COMMAND_API_PORT']}"
+    with running(cli_env) as up:
+        runtime = up.runtime()
+        # Redis dies and cannot start again: its working dir became a file.
+        psutil.Process(_listening_pid(runtime["urls"]["redis_url"])).kill()
+        redis_dir = up.data_dir / "redis"
+        import shutil
+
+        shutil.rmtree(redis_dir)
+        redis_dir.write_text("not a directory")
+        died = _output_until(up, "embedded Redis died", 30)
+        assert "degraded" in died and "redis.log" in died
+        gave_up = _output_until(up, "gave up restarting embedded Redis", 90)
+        assert "keeps running without" in gave_up
+        assert up.process.poll() is None
+
+        async def commands_work() -> None:
+            async with httpx.AsyncClient(base_url=commands, timeout=30) as client:
+                secret = (up.data_dir / "jwt-secret").read_text().strip()
+                tenant = await Tenant(client, secret, runtime["urls"]["database_url"]).setup()
+                await tenant.create_workflow("Redis なしで")
+
+        asyncio.run(commands_work())
+        assert get(commands + "/readyz")[0] == 200
+
+
+def test_an_essential_server_that_cannot_come_back_stops_up_naming_it(
+    cli_env: dict[str, str],
+) -> None:
+    with running(cli_env) as up:
+        pg = psutil.Process(_listening_pid(up.runtime()["urls"]["database_url"]))
+        (up.data_dir / "postgres" / "PG_VERSION").write_text("1\n")  # no server starts on this
+        pg.kill()
+        died = _output_until(up, "embedded PostgreSQL died", 30)
+        assert "the system waits for it" in died
+        gave_up = _output_until(up, "gave up restarting embedded PostgreSQL", 120)
+        assert "postgres.log" in gave_up
+        assert up.process.wait(60) == 1

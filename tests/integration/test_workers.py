@@ -134,3 +134,48 @@ async def test_undecodable_bytes_on_a_topic_do_not_stop_the_workers(
 
     poison = (await eventually(dead_lettered))[0]
     assert dict(poison.headers)["dlq.error.class"] == b"UndecodableRecord"
+
+
+def _worker_processes(workers_url: str) -> list:
+    """The Faust worker processes behind the workers endpoint (its children)."""
+    import psutil
+
+    port = int(workers_url.rsplit(":", 1)[1])
+    owner = next(c.pid for c in psutil.net_connections("tcp")
+                 if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN)
+    return psutil.Process(owner).children()
+
+
+async def test_losing_every_database_session_is_waited_out_not_a_worker_exit(
+    tenant: Tenant, system: dict[str, str], isolated: Settings,
+) -> None:
+    """pg_terminate_backend of the projector sessions (a failover, a restart)
+    used to make every worker exit, the Redis and OpenSearch groups too."""
+    settings = isolated
+    first = await tenant.create_workflow("切断の前")
+
+    async def row(workflow_id: str):
+        async def probe():
+            async with await psycopg.AsyncConnection.connect(
+                    libpq_url(settings.database_url or "")) as conn:
+                cur = await conn.execute("SELECT 1 FROM read_model.workflow_read_models "
+                                         "WHERE id = %s", (workflow_id,))
+                return await cur.fetchone()
+        return await eventually(probe)
+
+    await row(first["aggregate_id"])
+    before = {p.pid for p in _worker_processes(system["workers"])}
+    assert len(before) >= 5
+    for _ in range(3):  # again and again, while batches are in flight
+        with psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE usename = 'ringiflow_projector' AND datname = current_database()"
+            ).fetchone()
+        assert killed and killed[0] >= 1
+        await tenant.create_workflow("切断の最中")
+        await asyncio.sleep(1)
+    after = await tenant.create_workflow("切断の後")
+    await row(after["aggregate_id"])
+    await asyncio.sleep(3)
+    assert {p.pid for p in _worker_processes(system["workers"])} == before
