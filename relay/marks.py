@@ -25,22 +25,37 @@ class Marks:
 
     def advance(self, rows: Iterable[Row], outcome: Outcome) -> list[str]:
         """Record what was acknowledged; name any partition whose offsets went
-        back (the broker lost history between two checks)."""
+        back (the broker lost history between two checks).
+
+        The mark is one past the *first* offset this batch got in the partition,
+        not the last: Tansu reports a partition's end as one past the first
+        offset of its newest produce request, and a batch's requests never start
+        before the batch's first record. So a healthy broker always reaches the
+        mark, and one that restarted empty (or lost more than the newest batch)
+        never does."""
         regressed = []
+        first: dict[tuple[str, int], int] = {}
+        acked = []
         for row in rows:
             where = outcome.offsets.get(row.id)
             if where is None:
                 continue
             partition, offset = where
+            acked.append((row, partition, offset))
+            first[(row.topic, partition)] = min(offset, first.get((row.topic, partition), offset))
+        for row, partition, offset in acked:
             key = (row.lane, row.topic, partition)
             known = self.next_offset.get(key, 0)
-            if offset >= known:
-                self.next_offset[key] = offset + 1
+            if offset < known:
+                # Offsets only grow: a new record below an earlier batch's means the
+                # partition's log started over.
+                if f"{row.topic}[{partition}]" not in regressed:
+                    regressed.append(f"{row.topic}[{partition}]")
+                continue
+            mark = first[(row.topic, partition)] + 1
+            if mark > known:
+                self.next_offset[key] = mark
                 self.dirty.add(key)
-            elif f"{row.topic}[{partition}]" not in regressed:
-                # The broker never hands out an offset twice: a new record below one
-                # already acknowledged means the partition's log started over.
-                regressed.append(f"{row.topic}[{partition}]")
         return regressed
 
     def lost(self, ends: dict[tuple[str, int], int], lanes: Collection[int]) -> list[str]:

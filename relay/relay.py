@@ -60,7 +60,6 @@ class Relay:
     publish_error: str | None = None
     history_problem: str | None = None
     suspect: bool = True  # check the broker's history before the next batch
-    history_checked_at: float = 0.0
 
     def blocked(self) -> str | None:
         return self.history_problem or self.publish_error
@@ -78,6 +77,7 @@ class Relay:
         await self._ensure_topics()
         listener = asyncio.create_task(self._listen())
         housekeeping = asyncio.create_task(self._housekeeping())
+        watcher = asyncio.create_task(self._watch_history())
         try:
             while not self.stop.is_set():
                 try:
@@ -92,9 +92,9 @@ class Relay:
                                   exc, psycopg.OperationalError | psycopg.InterfaceError))
                     await self._sleep(1.0)
         finally:
-            listener.cancel()
-            housekeeping.cancel()
-            await asyncio.gather(listener, housekeeping, return_exceptions=True)
+            for task in (listener, housekeeping, watcher):
+                task.cancel()
+            await asyncio.gather(listener, housekeeping, watcher, return_exceptions=True)
             self.publisher.producer.flush(5)
 
     async def _session(self) -> None:
@@ -215,8 +215,7 @@ class Relay:
         if self.publisher.disturbed.is_set():
             self.publisher.disturbed.clear()
             self.suspect = True
-        due = self.history_checked_at + self.settings.relay_history_check_interval_s
-        if not self.suspect and time.monotonic() < due:
+        if not self.suspect:
             return True
         bootstrap = self.settings.require("kafka_bootstrap")
         try:
@@ -233,7 +232,11 @@ class Relay:
             self.history_problem = ("Kafka lost events it had acknowledged (" + "; ".join(lost[:3])
                                     + "): re-publishing them in order from the events table")
             log.critical("%s", self.history_problem)
+            # A new producer: the old one's idempotence state (producer id and
+            # sequence numbers) belongs to the broker that was lost, and a fresh
+            # broker would time its records out.
             self.publisher.discard_queued()
+            self.publisher = self._publisher()
             if {t for t, _p in ends} < set(EVENT_TOPICS):
                 await self._ensure_topics()
             reports = await reconcile_on(conn, bootstrap, None, False, log.warning,
@@ -244,8 +247,24 @@ class Relay:
                         sum(len(r.aggregates) for r in reports))
         self.history_problem = None
         self.suspect = False
-        self.history_checked_at = time.monotonic()
         return True
+
+    async def _watch_history(self) -> None:
+        """The safety net behind the triggers (errors, broken connections, offsets
+        going back): a periodic look at the partition ends, off the publishing
+        path; anything odd makes the next gap between batches check for real."""
+        while not self.stop.is_set():
+            await self._sleep(self.settings.relay_history_check_interval_s)
+            if self.suspect or not self.running:
+                continue
+            try:
+                ends = await kafka.partition_ends(self.settings.require("kafka_bootstrap"),
+                                                  EVENT_TOPICS)
+            except Exception:
+                self.suspect = True
+                continue
+            if self.marks.lost(ends, self.lanes.owned):
+                self.suspect = True
 
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         waiters = [asyncio.ensure_future(self.stop.wait())]

@@ -43,8 +43,9 @@ STOP_GRACE_S = 10.0
 DEGRADABLE = {"redis_url": "the dashboard counters, caches and live updates",
               "opensearch_url": "search"}
 # Processes restarted with a server: a broker may come back without the topics,
-# offsets and producer state they hold (the relay then re-fills it in order).
-DEPENDENTS = {"kafka_bootstrap": ("relay", "workers")}
+# offsets and producer state they hold (the relay then re-fills it in order); the
+# in-memory search stand-in comes back without its index (re-indexed below).
+DEPENDENTS = {"kafka_bootstrap": ("relay", "workers"), "osmem": ("workers",)}
 
 
 @dataclass
@@ -283,6 +284,8 @@ class Supervisor:
             from infra.kafka import ensure_topics
 
             ensure_topics(restarted.url)  # a memory broker comes back without them
+        if self._dependency_key(key) == "osmem":
+            self._reindex()
         for child in self._dependents(key):
             child.held = False
             child.restarts += 1
@@ -304,8 +307,22 @@ class Supervisor:
         self.exit_code = 1
         self.stopping.set()
 
+    def _reindex(self) -> None:
+        """osmem restarted empty: re-project search from the events table (the
+        search-indexer's offsets are past everything it had indexed)."""
+        from ringiflow.resync import Scope, replay
+
+        log.warning("osmem restarted empty; re-indexing search from the events table")
+        report = replay(self.settings.model_copy(update=self.urls), "search-indexer", Scope())
+        log.warning("re-indexed %d events of %d aggregates in %.1f s", report.events,
+                    report.aggregates, report.seconds)
+
+    def _dependency_key(self, key: str) -> str:
+        server = self.stack.servers.get(key)
+        return "osmem" if server is not None and "osmem" in server.name else key
+
     def _dependents(self, key: str) -> list[Child]:
-        names = DEPENDENTS.get(key, ())
+        names = DEPENDENTS.get(self._dependency_key(key), ())
         return [c for c in self.children if c.component.name in names]
 
     def _write_runtime(self, urls: dict[str, str]) -> None:

@@ -127,3 +127,12 @@ def up_fails_fast(env: dict[str, str], *needles: str, limit_s: float = 30) -> st
         assert needle in result.stderr, result.stderr
     assert elapsed < limit_s, f"took {elapsed:.1f} s to fail"
     return result.stderr
+
+
+def listening_pid(url: str) -> int:
+    """The process listening on the port of a URL (or host:port)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return next(c.pid for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)

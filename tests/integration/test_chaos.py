@@ -30,7 +30,7 @@ import contract
 from infra.settings import libpq_url
 from projectors.catalogue import CATALOGUE
 from tests.events import never_ahead, per_aggregate, read_topic
-from tests.helpers import Tenant
+from tests.helpers import Tenant, listening_pid
 from tests.integration.test_up import get, running
 
 pytestmark = pytest.mark.slow
@@ -88,12 +88,6 @@ class Load:
         worker = threading.Thread(target=lambda: asyncio.run(self.run()), daemon=True)
         worker.start()
         return worker
-
-
-def listening_pid(url: str) -> int:
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    return next(c.pid for c in psutil.net_connections("tcp")
-                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout_s: float = RECOVERY_S) -> float:

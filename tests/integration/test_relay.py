@@ -219,7 +219,8 @@ def test_a_broker_that_comes_back_empty_is_refilled_in_version_order(
             assert wait_all_published(url, timeout_s=1)["pending"] == 30
             broker = start_broker(fresh_db, tmp_path, port)
             # The relay recreates the topics, re-queues what the broker lost, drains.
-            assert wait_all_published(url, timeout_s=90)["pending"] == 0
+            assert wait_all_published(url, timeout_s=90)["pending"] == 0, \
+                outbox_rows(url, "status = 'pending'")[:3]
             wait_until(lambda: httpx.get(relay + "/readyz", timeout=5).status_code == 200, 30)
             assert "ringiflow_relay_history_losses_total 1.0" in \
                 httpx.get(relay + "/metrics").text

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from infra.settings import libpq_url
-from tests.helpers import up_fails_fast
+from tests.helpers import listening_pid, up_fails_fast
 
 pytestmark = pytest.mark.slow
 
@@ -282,12 +282,6 @@ def _output_until(up: Up, needle: str, timeout: float) -> str:
     raise AssertionError(f"{needle!r} not in the output:\n" + "".join(up.output[-40:]))
 
 
-def _listening_pid(url: str) -> int:
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    return next(c.pid for c in psutil.net_connections("tcp")
-                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)
-
-
 def _of_data_dir(data_dir: str) -> list[psutil.Process]:
     """Every process started for this data dir (by its environment or arguments)."""
     found = []
@@ -308,7 +302,7 @@ def test_nothing_outlives_up_when_the_broker_dies_during_shutdown(
     16 minutes: now every worker is SIGKILLed after a bounded grace."""
     with running(cli_env) as up:
         data_dir = str(up.data_dir)
-        broker = _listening_pid(up.runtime()["urls"]["kafka_bootstrap"])
+        broker = listening_pid(up.runtime()["urls"]["kafka_bootstrap"])
         assert len(_of_data_dir(data_dir)) >= 10
         started = time.monotonic()
         up.process.send_signal(signal.SIGTERM)
@@ -334,7 +328,7 @@ def test_a_degradable_server_that_cannot_come_back_degrades_and_the_rest_serves(
     with running(cli_env) as up:
         runtime = up.runtime()
         # Redis dies and cannot start again: its working dir became a file.
-        psutil.Process(_listening_pid(runtime["urls"]["redis_url"])).kill()
+        psutil.Process(listening_pid(runtime["urls"]["redis_url"])).kill()
         redis_dir = up.data_dir / "redis"
         import shutil
 
@@ -360,7 +354,7 @@ def test_an_essential_server_that_cannot_come_back_stops_up_naming_it(
     cli_env: dict[str, str],
 ) -> None:
     with running(cli_env) as up:
-        pg = psutil.Process(_listening_pid(up.runtime()["urls"]["database_url"]))
+        pg = psutil.Process(listening_pid(up.runtime()["urls"]["database_url"]))
         (up.data_dir / "postgres" / "PG_VERSION").write_text("1\n")  # no server starts on this
         pg.kill()
         died = _output_until(up, "embedded PostgreSQL died", 30)

@@ -140,10 +140,9 @@ def _worker_processes(workers_url: str) -> list:
     """The Faust worker processes behind the workers endpoint (its children)."""
     import psutil
 
-    port = int(workers_url.rsplit(":", 1)[1])
-    owner = next(c.pid for c in psutil.net_connections("tcp")
-                 if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN)
-    return psutil.Process(owner).children()
+    from tests.helpers import listening_pid
+
+    return psutil.Process(listening_pid(workers_url)).children()
 
 
 async def test_losing_every_database_session_is_waited_out_not_a_worker_exit(
