@@ -95,9 +95,7 @@ class Marks:
         """After the lanes' history was re-queued: the broker's new log starts over."""
         await conn.execute("DELETE FROM event_store.relay_marks WHERE lane = ANY(%s)",
                            (list(lanes),))
-        for key in [k for k in self.next_offset if k[0] in lanes]:
-            del self.next_offset[key]
-            self.dirty.discard(key)
+        self.drop(lanes)
 
     def drop(self, lanes: Collection[int]) -> None:
         """Lanes handed to another relay: their marks are its business now."""

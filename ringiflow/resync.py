@@ -204,6 +204,11 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
         others = {(kind, r["id"]): r["version"] for kind in ("users", "definitions")
                   for r in conn.execute(f"SELECT id, version FROM read_model.{kind}" + where,
                                         args).fetchall()}
+        scope_where, scope_params = Scope(tenant).where()
+        newest = conn.execute(
+            "SELECT DISTINCT ON (aggregate_id) aggregate_type, aggregate_id, version "
+            f"FROM event_store.events WHERE aggregate_type IN ('user', 'definition') "
+            f"AND {scope_where} ORDER BY aggregate_id, version DESC", scope_params).fetchall()
     snapshots = _newest_snapshots(settings, Scope(tenant))
     differences = _compare(snapshots, actual, "row", lambda row: {
         "last_event_version": row["version"], "status": row["aggregate"]["status"],
@@ -227,20 +232,12 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
     differences += [Difference(r["aggregate_id"], "history", f"v{r['version']} "
                                + ("present" if r["state"] == "missing" else "absent"),
                                r["state"]) for r in gaps]
-    differences += _verify_versions(settings, tenant, others)
-    return differences
+    return differences + _verify_versions(newest, others)
 
 
-def _verify_versions(settings: Settings, tenant: UUID | None,
+def _verify_versions(newest: list[dict[str, Any]],
                      actual: dict[tuple[str, UUID], int]) -> list[Difference]:
     """Users and definitions: the row's version is the newest event's."""
-    where, params = Scope(tenant).where()
-    with psycopg.connect(libpq_url(settings.require("database_url")),
-                         row_factory=dict_row) as conn:
-        newest = conn.execute(
-            "SELECT DISTINCT ON (aggregate_id) aggregate_type, aggregate_id, version "
-            f"FROM event_store.events WHERE aggregate_type IN ('user', 'definition') "
-            f"AND {where} ORDER BY aggregate_id, version DESC", params).fetchall()
     differences = []
     for row in newest:
         kind = "users" if row["aggregate_type"] == "user" else "definitions"
