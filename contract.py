@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -336,33 +336,57 @@ def utcnow() -> datetime:
 
 # --- consistency token (read-your-writes, SPEC §5) ---------------------------
 
+# PostgreSQL NOTIFY channel: the workflow-projector names the tenants of each
+# batch it commits (comma-separated; "*" for all), so waiting queries re-read.
+APPLIED_NOTIFY_CHANNEL = "ringiflow_applied"
+NOTIFY_PAYLOAD_MAX = 7900  # PostgreSQL's limit is 8000 bytes
+
 
 @dataclass(frozen=True)
 class ConsistencyToken:
     """Where a command's write landed; a query waits until its read model has
-    applied `version` of `aggregate_id`. Opaque to clients."""
+    applied `version` of `aggregate_id`. Opaque to clients.
+
+    It names only the caller's own aggregate and version: no global position,
+    which would show other tenants' activity as gaps between two tokens."""
 
     aggregate_type: AggregateType
     aggregate_id: UUID
     version: int
-    position: int  # global position in the events table
+
+    MAX_LENGTH: ClassVar[int] = 200
+    MAX_VERSION: ClassVar[int] = 2**31 - 1  # the events table's integer column
 
     def encode(self) -> str:
-        raw = json.dumps([self.aggregate_type.value, str(self.aggregate_id), self.version,
-                          self.position], separators=(",", ":"))
-        return "ct1." + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        raw = json.dumps([self.aggregate_type.value, str(self.aggregate_id), self.version],
+                         separators=(",", ":"))
+        return "ct2." + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
     @classmethod
     def decode(cls, token: str) -> ConsistencyToken:
+        """Strictly: three fields of exactly the types encode() writes (ct1 tokens,
+        which also carried a position, are still read)."""
         try:
-            if not token.startswith("ct1."):
+            if len(token) > cls.MAX_LENGTH:
+                raise ValueError(f"longer than {cls.MAX_LENGTH} characters")
+            prefix, _, body = token.partition(".")
+            if prefix not in ("ct1", "ct2"):
                 raise ValueError("unknown prefix")
-            body = token[4:]
-            kind, aggregate_id, version, position = json.loads(
-                base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-            )
-            return cls(AggregateType(kind), UUID(aggregate_id), int(version), int(position))
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            fields = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)),
+                                parse_constant=_refuse_constant)
+            if not isinstance(fields, list) or len(fields) != (4 if prefix == "ct1" else 3):
+                raise ValueError("wrong number of fields")
+            kind, aggregate_id, version = fields[:3]
+            if not (isinstance(kind, str) and isinstance(aggregate_id, str)
+                    and type(version) is int and 1 <= version <= cls.MAX_VERSION):
+                raise ValueError("a field has the wrong type or range")
+            return cls(AggregateType(kind), UUID(aggregate_id), version)
+        except (ValueError, TypeError, RecursionError, UnicodeDecodeError) as exc:
             raise ValueError(
-                "malformed consistency token: send the value a command response returned"
+                f"malformed consistency token ({exc}): send the value a command response "
+                "returned, unchanged"
             ) from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")

@@ -188,7 +188,7 @@ def _ringi_aggregate() -> type:
 
 def eventsourcing_appends(settings: Settings, seconds: float) -> tuple[float, list[float]]:
     """The `eventsourcing` library saving one event per transaction, sequentially."""
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     from eventsourcing.application import Application
 
@@ -196,7 +196,7 @@ def eventsourcing_appends(settings: Settings, seconds: float) -> tuple[float, li
     url = urlsplit(settings.database_url or "")
     env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": url.path[1:],
            "POSTGRES_HOST": url.hostname or "", "POSTGRES_PORT": str(url.port),
-           "POSTGRES_USER": url.username or "", "POSTGRES_PASSWORD": "unused-trust-auth",
+           "POSTGRES_USER": url.username or "", "POSTGRES_PASSWORD": unquote(url.password or ""),
            "POSTGRES_SCHEMA": "eventsourcing_bench", "CREATE_TABLE": "y"}
     import psycopg
 

@@ -17,12 +17,13 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commands import domain, schemas, store
+from commands import domain, openapi, schemas, store
 from commands.service import BuildCommand, CommandContext, Outcome, execute
 from contract import new_trace_id, parse_traceparent
 from infra import problems
 from infra.auth import Authenticator, Principal, authenticator
 from infra.clients import readiness_checks
+from infra.edge import RequestGuard
 from infra.problems import Problem
 from infra.security import principal_dependency
 from infra.service import health_router
@@ -266,6 +267,10 @@ def create_app(settings: Settings) -> FastAPI:
         "Errors are RFC 9457 problem+json.",
     )
     problems.install(app)
+    openapi.install(app)  # problem+json errors, headers, links, docs served locally
+    auth = authenticator(settings)
+    app.add_middleware(RequestGuard, auth=auth, max_body_bytes=settings.max_body_bytes,
+                       max_json_depth=settings.max_json_depth)
     app.include_router(health_router("command-api", readiness_checks(settings, "command")))
-    app.include_router(build_router(lambda: holder["pool"], authenticator(settings)))
+    app.include_router(build_router(lambda: holder["pool"], auth))
     return app

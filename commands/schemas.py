@@ -4,35 +4,71 @@ is read or written."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+)
 
 from commands.domain import MAX_NAME_LENGTH, MAX_TEXT_LENGTH, MAX_TITLE_LENGTH
 
 MAX_STEPS = 20
 MAX_DOCUMENTS = 20
 MAX_DOCUMENT_BYTES = 1024**3  # metadata only; the file lives elsewhere
+# Control characters (Unicode category Cc) and lone surrogates; free text may
+# keep tab and line breaks.
+FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+FORBIDDEN_MULTILINE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+INVISIBLE = re.compile(r"[\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+                       r"\u2066-\u206f\ufeff]*")
+
+
+def _checked(multiline: bool) -> AfterValidator:
+    """Text PostgreSQL and every reader can hold: no NUL or other control
+    characters, no lone surrogates, and something visible -- zero-width
+    characters alone are blank."""
+    forbidden = FORBIDDEN_MULTILINE if multiline else FORBIDDEN
+
+    def check(value: str) -> str:
+        if found := forbidden.search(value):
+            raise ValueError(f"must not contain control character U+{ord(found[0]):04X}")
+        if value and INVISIBLE.fullmatch(value):
+            raise ValueError("must contain visible characters, not only spaces or "
+                             "zero-width characters")
+        return value
+
+    return AfterValidator(check)
+
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                        max_length=MAX_NAME_LENGTH)]
+                                        max_length=MAX_NAME_LENGTH), _checked(False)]
 Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                         max_length=MAX_TITLE_LENGTH)]
+                                         max_length=MAX_TITLE_LENGTH), _checked(False)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                        max_length=MAX_TEXT_LENGTH)]
+                                        max_length=MAX_TEXT_LENGTH), _checked(True)]
 Email = Annotated[str, StringConstraints(strip_whitespace=True, max_length=320,
-                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+                  _checked(False)]
 ContentType = Annotated[str, StringConstraints(max_length=255,
-                                               pattern=r"^[\w.+-]+/[\w.+-]+(;.*)?$")]
+                                               pattern=r"^[\w.+-]+/[\w.+-]+(;.*)?$"),
+                        _checked(False)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
-Url = Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://\S+$")]
+Url = Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://\S+$"),
+                _checked(False)]
 
 
 class CommandBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    expected_version: int | None = Field(
+    expected_version: StrictInt | None = Field(
         default=None, ge=0,
         description="Refuse with 409 unless the aggregate is at exactly this version.",
     )
@@ -67,7 +103,7 @@ class DocumentBody(BaseModel):
     document_id: UUID | None = Field(default=None, description="Generated when omitted.")
     filename: Name
     content_type: ContentType
-    size_bytes: int = Field(ge=0, le=MAX_DOCUMENT_BYTES)
+    size_bytes: StrictInt = Field(ge=0, le=MAX_DOCUMENT_BYTES)
     sha256: Sha256 | None = None
     url: Url | None = None
 

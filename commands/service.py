@@ -115,7 +115,7 @@ async def execute(
             idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
                            "status_code": created_status, "response": result}
         try:
-            position = await store.append(conn, tenant, envelopes, idempotency)
+            await store.append(conn, tenant, envelopes, idempotency)
         except store.VersionConflict:
             current = await store.current_version(conn, tenant, aggregate_id)
             raise _conflict(aggregate_type, aggregate_id, current,
@@ -124,12 +124,12 @@ async def execute(
             stored = await store.stored_response(conn, tenant, ctx.idempotency_key or "")
             assert stored is not None
             return _replay(stored, ctx)
-        return Outcome(created_status, response_body(result, position))
+        return Outcome(created_status, response_body(result))
 
 
-def response_body(result: dict[str, Any], position: int) -> dict[str, Any]:
+def response_body(result: dict[str, Any]) -> dict[str, Any]:
     token = ConsistencyToken(AggregateType(result["aggregate_type"]),
-                             UUID(result["aggregate_id"]), result["version"], position)
+                             UUID(result["aggregate_id"]), result["version"])
     return {**{k: v for k, v in result.items() if k != "position"},
             "consistency_token": token.encode()}
 
@@ -141,7 +141,7 @@ def _replay(stored: store.StoredResponse, ctx: CommandContext) -> Outcome:
             f"Idempotency-Key {ctx.idempotency_key!r} was first used for a different request; "
             "use a new key for a new request",
         )
-    return Outcome(stored.status_code, response_body(stored.body, stored.body["position"]),
+    return Outcome(stored.status_code, response_body(stored.body),
                    replayed=True)
 
 

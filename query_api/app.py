@@ -6,9 +6,9 @@ No `from __future__ import annotations`: FastAPI reads these signatures."""
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -23,13 +23,17 @@ from contract import utcnow
 from infra import problems
 from infra.auth import AuthError, Principal, authenticator
 from infra.clients import opensearch_client, readiness_checks, redis_client
+from infra.edge import RequestGuard
 from infra.problems import Problem
 from infra.security import principal_dependency
 from infra.service import health_router
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import dashboard, user_ids, with_current_names
+from query_api import openapi
 from query_api.cache import DetailCache
-from query_api.consistency import DEFAULT_WAIT_MS, Consistency, parse_token, wait_until
+from query_api.consistency import DEFAULT_WAIT_MS, Consistency, Waits, listen_applied, parse_token
+from query_api.live import LiveHub, Refused, Shares, tenant_channel, user_channel
+from query_api.params import IsoDateTime
 from query_api.reads import Reads
 
 log = logging.getLogger("ringiflow.query")
@@ -38,6 +42,7 @@ Status = Literal["draft", "in_progress", "approved", "rejected", "changes_reques
                  "cancelled"]
 Priority = Literal["low", "medium", "high", "urgent"]
 MAX_PAGE = 100
+WS_QUEUE = 256  # messages a socket may have unsent before it counts as too slow
 
 
 def json_response(body: Any, consistency: Consistency | None = None,
@@ -48,6 +53,13 @@ def json_response(body: Any, consistency: Consistency | None = None,
 
 def create_app(settings: Settings) -> FastAPI:
     state: dict[str, Any] = {}
+    # opensearch-py warns on every non-2xx answer, and a consistency wait on a
+    # document not indexed yet is a stream of expected 404s: ~90 lines a request.
+    # Failures that matter reach the caller (503) and our own log line.
+    logging.getLogger("opensearch").setLevel(logging.ERROR)
+    waits = Waits(settings.consistency_waits_per_user, settings.consistency_waits_per_tenant)
+    sockets = Shares("live connections", settings.ws_max_per_user, settings.ws_max_per_tenant,
+                     settings.ws_max_total)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -56,10 +68,35 @@ def create_app(settings: Settings) -> FastAPI:
         await pool.open(wait=False)
         redis = redis_client(settings.require("redis_url"))
         search = opensearch_client(settings.require("opensearch_url"))
-        state.update(reads=Reads(pool), cache=DetailCache(redis), redis=redis, search=search)
+        hub = LiveHub(redis)
+        await hub.start()
+
+        def wake(tenant: str) -> Callable[[bytes], None]:
+            return lambda _message: waits.wake(tenant)
+
+        wakers: dict[str, Callable[[bytes], None]] = {}
+
+        async def watch(tenant: str) -> None:  # the cache-projector's updates wake waiters
+            wakers[tenant] = wake(tenant)
+            with contextlib.suppress(RedisError):
+                await hub.subscribe([tenant_channel(tenant)], wakers[tenant])
+
+        async def unwatch(tenant: str) -> None:
+            if (waker := wakers.pop(tenant, None)) is not None:
+                await hub.unsubscribe([tenant_channel(tenant)], waker)
+
+        waits.on_first, waits.on_last = watch, unwatch
+        listener = asyncio.create_task(
+            listen_applied(libpq_url(settings.role_database_url("query")), waits))
+        state.update(reads=Reads(pool), cache=DetailCache(redis), redis=redis, search=search,
+                     hub=hub)
         try:
             yield
         finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await hub.close()
             await pool.close()
             await redis.aclose()
             await search.close()
@@ -70,10 +107,13 @@ def create_app(settings: Settings) -> FastAPI:
         "(X-Consistency-Token or ?after=) to read your own write; the response says whether "
         "the read model reached it (X-Consistency: reached | timeout). Errors are RFC 9457.")
     problems.install(app)
+    openapi.install(app)  # response schemas, errors, links, docs served locally
     checks = readiness_checks(settings, "query", "redis", "opensearch")
     app.include_router(health_router("query-api", checks, optional=frozenset({"redis",
                                                                              "opensearch"})))
     auth = authenticator(settings)
+    app.add_middleware(RequestGuard, auth=auth, max_body_bytes=settings.max_body_bytes,
+                       max_json_depth=settings.max_json_depth)
     Auth = Annotated[Principal, Depends(principal_dependency(auth))]
     TokenHeader = Annotated[str | None, Header(alias="X-Consistency-Token",
                                                description="From a command response.")]
@@ -98,15 +138,16 @@ def create_app(settings: Settings) -> FastAPI:
         status: Annotated[list[Status] | None, Query()] = None,
         priority: Annotated[list[Priority] | None, Query()] = None,
         initiator: UUID | None = None, assignee: UUID | None = None,
-        due_before: datetime | None = None, due_after: datetime | None = None,
+        due_before: IsoDateTime | None = None, due_after: IsoDateTime | None = None,
         sort: Literal["created", "updated", "due", "priority"] = "created",
         direction: Literal["asc", "desc"] = "desc",
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-        cursor: str | None = None,
+        cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the "
+                                            "previous page, unchanged")] = None,
         token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
     ) -> Response:
-        consistency = await wait_until(
-            parse_token(token, after),
+        consistency = await waits.wait(
+            principal.tenant_id, principal.user_id, parse_token(token, after),
             lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
         page = await reads().workflows(
             principal.tenant_id, sort=sort, direction=direction, limit=limit, cursor=cursor,
@@ -119,11 +160,12 @@ def create_app(settings: Settings) -> FastAPI:
                 responses={404: {"description": "No such workflow in your tenant (then)"}})
     async def get_workflow(
         workflow_id: UUID, principal: Auth,
-        as_of: Annotated[datetime | None, Query(description="Its state at this instant.")]
+        as_of: Annotated[IsoDateTime | None, Query(description="Its state at this instant.")]
         = None,
         token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
     ) -> Response:
         tenant = principal.tenant_id
+        requested = parse_token(token, after)  # a malformed token is refused, as_of or not
         if as_of is not None:
             if as_of.tzinfo is None:
                 raise Problem(422, "validation_error", "as_of needs a time zone",
@@ -134,8 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
             return json_response({"workflow": snapshot, "as_of": as_of.isoformat(),
                                   "source": "event_store"})
         cache: DetailCache = state["cache"]
-        consistency = await wait_until(
-            parse_token(token, after),
+        consistency = await waits.wait(
+            tenant, principal.user_id, requested,
             lambda t: cache.applied_version(tenant, t.aggregate_id), wait_ms)
         snapshot, source = await cache.get(tenant, workflow_id), "cache"
         wanted = consistency.token.version if consistency.token else 0
@@ -171,8 +213,8 @@ def create_app(settings: Settings) -> FastAPI:
         principal: Auth, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
         token: TokenHeader = None, after: After = None, wait_ms: WaitMs = DEFAULT_WAIT_MS,
     ) -> Response:
-        consistency = await wait_until(
-            parse_token(token, after),
+        consistency = await waits.wait(
+            principal.tenant_id, principal.user_id, parse_token(token, after),
             lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
         tasks = await reads().my_tasks(principal.tenant_id, principal.user_id, limit)
         return json_response({"items": tasks}, consistency)
@@ -216,7 +258,10 @@ def create_app(settings: Settings) -> FastAPI:
             return int(doc["_version"]) if same_tenant else 0
 
         try:
-            consistency = await wait_until(parse_token(token, after), indexed_version, wait_ms)
+            # No notification from the index: this one polls, capped like the others.
+            consistency = await waits.wait(principal.tenant_id, principal.user_id,
+                                           parse_token(token, after), indexed_version, wait_ms,
+                                           poll_s=0.1)
             if consistency.token is not None:
                 await client.indices.refresh(index=settings.search_alias)
             found = await client.search(index=settings.search_alias, body={
@@ -242,8 +287,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @router.websocket("/ws")
     async def live(websocket: WebSocket, token: str | None = None) -> None:
-        """Live updates for the caller: their user:{id} and tenant:{id} channels.
-        Authenticate with the Authorization header or ?token=."""
+        """Live updates for the caller: their user's and tenant's channels, with
+        heartbeats; closed when the token expires. Authenticate with the
+        Authorization header or ?token=."""
         await websocket.accept()
         try:
             header = websocket.headers.get("authorization")
@@ -252,26 +298,57 @@ def create_app(settings: Settings) -> FastAPI:
         except AuthError as exc:
             await websocket.close(code=4401, reason=str(exc)[:120])
             return
-        pubsub = state["redis"].pubsub()
-        channels = [f"user:{principal.user_id}", f"tenant:{principal.tenant_id}"]
         try:
-            await pubsub.subscribe(*channels)
+            with sockets.hold(principal.tenant_id, principal.user_id):
+                await stream_updates(websocket, principal)
+        except Refused as exc:
+            await websocket.close(code=1013, reason=str(exc)[:120])
+
+    async def stream_updates(websocket: WebSocket, principal: Principal) -> None:
+        hub: LiveHub = state["hub"]
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=WS_QUEUE)
+        behind = asyncio.Event()
+
+        def deliver(data: bytes) -> None:
+            try:
+                queue.put_nowait(data)
+            except asyncio.QueueFull:
+                behind.set()  # this client cannot keep up; the others are not held back
+
+        channels = [user_channel(principal.tenant_id, principal.user_id),
+                    tenant_channel(principal.tenant_id)]
+        try:
+            await hub.subscribe(channels, deliver)
         except RedisError:
             await websocket.close(code=1013, reason="live updates unavailable; retry later")
             return
-        await websocket.send_json({"type": "Subscribed", "payload": {"channels": channels}})
+        loop = asyncio.get_running_loop()
 
         async def forward() -> None:
-            last_beat = asyncio.get_running_loop().time()
+            await websocket.send_json({"type": "Subscribed", "payload": {"channels": channels}})
+            last_beat = loop.time()
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message and message["type"] == "message":
-                    await websocket.send_text(message["data"].decode())
-                now = asyncio.get_running_loop().time()
-                if now - last_beat >= settings.ws_heartbeat_s:
+                now = time.time()
+                if principal.expires_at is not None and now >= principal.expires_at:
+                    await websocket.close(code=4401, reason="token expired: reconnect with "
+                                          "a fresh token")
+                    return
+                if behind.is_set():
+                    await websocket.close(code=1013, reason="client too slow: reconnect and "
+                                          "re-read what you show")
+                    return
+                timeout = settings.ws_heartbeat_s - (loop.time() - last_beat)
+                if principal.expires_at is not None:
+                    timeout = min(timeout, principal.expires_at - now)
+                try:
+                    data = await asyncio.wait_for(queue.get(), max(timeout, 0))
+                    await websocket.send_text(data.decode())
+                except TimeoutError:
+                    pass
+                if loop.time() - last_beat >= settings.ws_heartbeat_s:
                     await websocket.send_json({"type": "Heartbeat",
                                                "payload": {"at": utcnow().isoformat()}})
-                    last_beat = now
+                    last_beat = loop.time()
 
         async def drain_client() -> None:
             while True:
@@ -285,9 +362,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(Exception):
-                await pubsub.unsubscribe(*channels)
-                await pubsub.aclose()
+            await hub.unsubscribe(channels, deliver)
 
     app.include_router(router)
     return app

@@ -171,10 +171,20 @@ def decode_cursor(cursor: str, sort: str, direction: str) -> tuple[Any, UUID]:
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if (sort_of, direction_of) != (sort, direction):
             raise ValueError("sort changed")
-        if sort != "priority":
+        if not isinstance(last_id, str):
+            raise ValueError("bad id")
+        if sort == "priority":
+            # the sort key is CASE ... 1..4: anything else cannot have come from a page
+            if type(value) is not int or not 1 <= value <= 4:
+                raise ValueError("bad priority rank")
+        else:
+            if not isinstance(value, str):
+                raise ValueError("bad timestamp")
             value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                raise ValueError("timestamp without time zone")
         return value, UUID(last_id)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+    except (ValueError, TypeError, RecursionError, orjson.JSONDecodeError):
         raise Problem(422, "invalid_cursor", "Invalid cursor",
                       "cursor is not one this list returned for the same sort and direction; "
                       "start again without a cursor") from None

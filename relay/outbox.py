@@ -19,14 +19,15 @@ MIN_PER_LANE = 200  # keeps batches large when the backlog sits in a few lanes
 # at its limit: the cost follows the batch, not the backlog, whatever the
 # planner's statistics say after a long broker outage.
 FETCH = """
-SELECT o.id, o.aggregate_id, o.lane, o.version, o.topic, o.payload::text, o.metadata::text,
-       extract(epoch FROM o.created_at), o.next_attempt_at
+SELECT o.id, o.tenant_id, o.aggregate_id, o.lane, o.version, o.topic, o.payload::text,
+       o.metadata::text, extract(epoch FROM o.created_at), o.next_attempt_at
 FROM unnest(%(lanes)s::smallint[], %(after)s::bigint[]) AS l(lane, after_id)
 CROSS JOIN LATERAL (
     SELECT * FROM event_store.outbox p
     WHERE p.status = 'pending' AND p.lane = l.lane AND p.id > l.after_id
       AND NOT EXISTS (SELECT 1 FROM event_store.outbox f
-                      WHERE f.aggregate_id = p.aggregate_id AND f.status = 'failed')
+                      WHERE f.tenant_id = p.tenant_id AND f.aggregate_id = p.aggregate_id
+                        AND f.status = 'failed')
     ORDER BY p.id
     LIMIT %(per_lane)s
 ) AS o
@@ -58,17 +59,17 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
                                      "after": [(after or {}).get(lane, 0) for lane in ordered]})
     now = datetime.now(UTC)
     rows: list[Row] = []
-    waiting: set[UUID] = set()
+    waiting: set[tuple[UUID, UUID]] = set()
     cursor: dict[int, int] = dict(after or {})
-    for row_id, aggregate_id, lane, version, topic, payload, headers, created, next_at in \
-            await cur.fetchall():
+    for row_id, tenant_id, aggregate_id, lane, version, topic, payload, headers, created, \
+            next_at in await cur.fetchall():
         cursor[lane] = row_id
-        if aggregate_id in waiting:
+        if (tenant_id, aggregate_id) in waiting:
             continue
         if next_at is not None and next_at > now:
-            waiting.add(aggregate_id)
+            waiting.add((tenant_id, aggregate_id))
             continue
-        rows.append(Row(row_id, aggregate_id, lane, version, topic, payload.encode(),
+        rows.append(Row(row_id, tenant_id, aggregate_id, lane, version, topic, payload.encode(),
                         [(k, str(v).encode()) for k, v in orjson.loads(headers).items()],
                         float(created)))
     return Batch(rows, None if waiting else cursor)
@@ -91,7 +92,7 @@ class Recorded:
     retried: int
     failed: int
     latencies_s: list[float]
-    broken: set[UUID]  # aggregates whose tail stays pending behind an unacknowledged row
+    broken: set[tuple[UUID, UUID]]  # streams whose tail stays pending behind an unacknowledged row
 
 
 async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_attempts: int,
@@ -102,10 +103,10 @@ async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_a
     published_ids: list[int] = []
     acked_at: list[datetime] = []
     latencies: list[float] = []
-    broken: set[UUID] = set()
+    broken: set[tuple[UUID, UUID]] = set()
     attempts: list[tuple[int, str, bool]] = []
     for row in rows:
-        if row.aggregate_id in broken:
+        if row.stream in broken:
             continue
         if row.id in outcome.acked_at:
             published_ids.append(row.id)
@@ -113,7 +114,7 @@ async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_a
             acked_at.append(datetime.fromtimestamp(acked, UTC))
             latencies.append(max(0.0, acked - row.created_at))
             continue
-        broken.add(row.aggregate_id)
+        broken.add(row.stream)
         why, permanent = outcome.errors.get(row.id, ("not acknowledged", False))
         attempts.append((row.id, why, permanent))
     if published_ids:

@@ -29,6 +29,7 @@ MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN
 @dataclass(frozen=True)
 class Row:
     id: int
+    tenant_id: UUID
     aggregate_id: UUID
     lane: int
     version: int
@@ -36,6 +37,11 @@ class Row:
     value: bytes
     headers: list[tuple[str, bytes]]
     created_at: float  # epoch seconds
+
+    @property
+    def stream(self) -> tuple[UUID, UUID]:
+        """A stream is one tenant's aggregate: ids are unique per tenant only."""
+        return self.tenant_id, self.aggregate_id
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Publisher:
         """Produce rows in order; per aggregate, stop at the first row that cannot
         even be queued, so no later version overtakes it."""
         outcome = Outcome()
-        stopped: set[UUID] = set()
+        stopped: set[tuple[UUID, UUID]] = set()
 
         def delivered(row_id: int, err: KafkaError | None, msg: Message) -> None:
             if err is None:
@@ -79,7 +85,7 @@ class Publisher:
                 outcome.fatal = err.str()
 
         for row in rows:
-            if row.aggregate_id in stopped:
+            if row.stream in stopped:
                 continue
             while True:
                 try:
@@ -94,7 +100,7 @@ class Publisher:
                     error = exc.args[0]
                     outcome.errors[row.id] = (f"{error.name()}: {error.str()}",
                                               error.code() in PERMANENT)
-                    stopped.add(row.aggregate_id)
+                    stopped.add(row.stream)
                     if error.fatal():
                         outcome.fatal = error.str()
                         return outcome

@@ -37,7 +37,7 @@ class TopicReport:
     in_kafka: int = 0
     missing: int = 0
     requeued: int = 0
-    aggregates: set[UUID] = field(default_factory=set)
+    aggregates: set[tuple[UUID, UUID]] = field(default_factory=set)  # (tenant, id)
 
     def as_dict(self) -> dict[str, object]:
         return {"topic": self.topic, "events": self.events, "in_kafka": self.in_kafka,
@@ -95,21 +95,21 @@ async def reconcile_on(conn: psycopg.AsyncConnection, bootstrap: str, since: dat
         present = await event_ids_in_topic(bootstrap, topic)
         progress(f"{topic}: {len(present)} events in Kafka; comparing with the events table")
         cur = await conn.execute(
-            "SELECT event_id, aggregate_id, version FROM event_store.events "
+            "SELECT event_id, tenant_id, aggregate_id, version FROM event_store.events "
             "WHERE aggregate_type = %(type)s "
             "AND (%(since)s::timestamptz IS NULL OR recorded_at >= %(since)s) "
             f"AND (%(lanes)s::int[] IS NULL OR {LANE_OF} = ANY(%(lanes)s)) "
-            "ORDER BY aggregate_id, version",
+            "ORDER BY tenant_id, aggregate_id, version",
             {"type": aggregate_type.value, "since": since,
              "lanes": sorted(lanes) if lanes is not None else None})
-        first_missing: dict[UUID, int] = {}
-        async for event_id, aggregate_id, version in cur:
+        first_missing: dict[tuple[UUID, UUID], int] = {}
+        async for event_id, tenant_id, aggregate_id, version in cur:
             report.events += 1
             if event_id in present:
                 report.in_kafka += 1
             else:
                 report.missing += 1
-                first_missing.setdefault(aggregate_id, version)
+                first_missing.setdefault((tenant_id, aggregate_id), version)
         report.aggregates = set(first_missing)
         if first_missing and not dry_run:
             items = list(first_missing.items())
@@ -121,7 +121,8 @@ async def reconcile_on(conn: psycopg.AsyncConnection, bootstrap: str, since: dat
     return reports
 
 
-async def _requeue(conn: psycopg.AsyncConnection, first_missing: dict[UUID, int],
+async def _requeue(conn: psycopg.AsyncConnection,
+                   first_missing: dict[tuple[UUID, UUID], int],
                    since: datetime | None) -> int:
     """Replace the outbox rows of each aggregate's tail with fresh pending rows,
     inserted in version order (so their ids follow version order).
@@ -129,23 +130,28 @@ async def _requeue(conn: psycopg.AsyncConnection, first_missing: dict[UUID, int]
     The lock keeps appends out for this one transaction (they wait; reads and
     the relay's reads do not): the tail read after it holds every event
     committed before it, and any append after it gets a higher id."""
-    ids, versions = list(first_missing), list(first_missing.values())
+    tenants = [tenant for tenant, _id in first_missing]
+    ids = [aggregate for _tenant, aggregate in first_missing]
+    versions = list(first_missing.values())
     async with conn.transaction():
         await conn.execute("LOCK TABLE event_store.outbox IN SHARE ROW EXCLUSIVE MODE")
         cur = await conn.execute(
             "SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, "
             "e.aggregate_id, e.version, e.occurred_at, e.payload, e.aggregate, e.metadata "
-            "FROM event_store.events e JOIN unnest(%s::uuid[], %s::int[]) AS m(id, v) "
-            "ON e.aggregate_id = m.id AND e.version >= m.v "
+            "FROM event_store.events e "
+            "JOIN unnest(%s::uuid[], %s::uuid[], %s::int[]) AS m(tenant, id, v) "
+            "ON e.tenant_id = m.tenant AND e.aggregate_id = m.id AND e.version >= m.v "
             "AND (%s::timestamptz IS NULL OR e.recorded_at >= %s) "
-            "ORDER BY e.aggregate_id, e.version",
-            (ids, versions, since, since))
+            "ORDER BY e.tenant_id, e.aggregate_id, e.version",
+            (tenants, ids, versions, since, since))
         columns = [c.name for c in cur.description or []]
         envelopes = [EventEnvelope.model_validate(dict(zip(columns, row, strict=True)))
                      for row in await cur.fetchall()]
         await conn.execute(
-            "DELETE FROM event_store.outbox o USING unnest(%s::uuid[], %s::int[]) AS m(id, v) "
-            "WHERE o.aggregate_id = m.id AND o.version >= m.v", (ids, versions))
+            "DELETE FROM event_store.outbox o "
+            "USING unnest(%s::uuid[], %s::uuid[], %s::int[]) AS m(tenant, id, v) "
+            "WHERE o.tenant_id = m.tenant AND o.aggregate_id = m.id AND o.version >= m.v",
+            (tenants, ids, versions))
         rows = [
             (e.event_id, e.tenant_id, e.aggregate_type.value, e.aggregate_id, e.version,
              e.event_type, events_topic_name(e.aggregate_type),

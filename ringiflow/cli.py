@@ -43,8 +43,11 @@ def _settings(data_dir: Path | None, **overrides: object) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
+    from infra import logsafe
+
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsafe.install()  # no bearer token, API key or password reaches a log line
 
 
 @app.command()
@@ -136,13 +139,29 @@ def token(
     ttl_hours: Annotated[float, typer.Option(help="Lifetime in hours.")] = 12.0,
     data_dir: DataDir = None,
 ) -> None:
-    """Print a dev bearer token accepted by both APIs of the running system."""
+    """Print a dev bearer token accepted by both APIs of the running system (the
+    `ringiflow up` on the same --data-dir; or signed with RINGIFLOW_JWT_SECRET)."""
     from datetime import timedelta
 
     from infra.auth import mint_token
+    from infra.settings import JWT_SECRET_FILE, secret_file
+    from ringiflow.supervisor import _running_supervisor
 
+    if ttl_hours <= 0:
+        raise ConfigError(f"--ttl-hours must be positive, not {ttl_hours:g}")
     settings = _settings(data_dir)
-    typer.echo(mint_token(settings.dev_jwt_secret, tenant_id=tenant, user_id=user, name=name,
+    if settings.jwt_secret is not None:
+        secret = settings.jwt_secret.get_secret_value()
+    else:
+        # Never a fresh secret: a token the running system would answer with 401.
+        secret = secret_file(settings.data_path / JWT_SECRET_FILE, create=False) \
+            if _running_supervisor(settings) else None
+        if secret is None:
+            raise ConfigError(
+                f"no running `ringiflow up` found in data dir {settings.data_path}, so no "
+                "token it would accept: start it first (`./dev up`), pass the --data-dir "
+                "it runs on, or set RINGIFLOW_JWT_SECRET to the secret the APIs use")
+    typer.echo(mint_token(secret, tenant_id=tenant, user_id=user, name=name,
                           roles=role or ["user"], ttl=timedelta(hours=ttl_hours)))
 
 
@@ -223,6 +242,9 @@ def outbox_cleanup(
 
     days = older_than_days if older_than_days is not None else \
         _settings(data_dir).outbox_retention_days
+    if not 0 <= days <= 36_500:  # also NaN and infinity
+        raise ConfigError(f"--older-than-days must be a number of days from 0 to 36500, not "
+                          f"{days:g}: nothing deleted")
 
     async def run_cleanup() -> int:
         async with await psycopg.AsyncConnection.connect(_owner_url(data_dir),
@@ -278,6 +300,10 @@ def _filters(group: str | None, error_class: str | None, aggregate: UUID | None,
             raise ConfigError(f"--{name} needs a time zone, e.g. 2026-11-23T09:00:00Z")
         return parsed
 
+    if group is not None:
+        from ringiflow.dlq import check_group
+
+        check_group(group)
     return Filters(group, error_class, aggregate, event_type, when(since, "since"),
                    when(until, "until"))
 
@@ -383,7 +409,7 @@ def dlq_retry(
                           "to review them, then again with --yes")
     results = []
     for t in targets:
-        outcome = retry(settings, t["consumer_group"], t["aggregate_id"])
+        outcome = retry(settings, t["consumer_group"], t["aggregate_id"], t["tenant_id"])
         results.append(outcome)
         if not json_out:
             state = "released" if outcome["released"] else f"still parked: {outcome['error']}"
@@ -402,8 +428,9 @@ def dlq_discard(
     data_dir: DataDir = None,
 ) -> None:
     """Release an aggregate without applying its dead letters."""
-    from ringiflow.dlq import discard
+    from ringiflow.dlq import check_group, discard
 
+    check_group(group)
     if len(reason.strip()) < 5:
         raise ConfigError("--reason must say why (at least a few words): it is kept in the "
                           "audit trail")
@@ -522,6 +549,16 @@ def rebuild(
                    f"dropped: {', '.join(result['dropped']) or 'none'}")
 
 
+def _tenant_has_events(settings: Settings, tenant: UUID) -> bool:
+    import psycopg
+
+    from infra.settings import libpq_url
+
+    with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM event_store.events "
+                            "WHERE tenant_id = %s)", (tenant,)).fetchone()[0]  # type: ignore[index]
+
+
 @app.command()
 def verify(
     projector: Projector, tenant: TenantOpt = None,
@@ -536,6 +573,10 @@ def verify(
     from ringiflow.resync import verify as run_verify
 
     settings = _settings(data_dir).with_runtime()
+    if tenant is not None and not _tenant_has_events(settings, tenant):
+        # Nothing to compare is not a match: most likely a mistyped id.
+        raise ConfigError(f"tenant {tenant} has no events in the events table: nothing to "
+                          "verify (check the id; without --tenant every tenant is compared)")
     try:
         differences = run_verify(settings, projector, tenant)
     except ValueError as exc:

@@ -47,12 +47,18 @@ COMPONENTS: dict[str, Component] = {
 def run_component(name: str, settings: Settings) -> None:
     import uvicorn
 
+    from infra import logsafe
+
+    logsafe.install()
     component = COMPONENTS[name]
     module, function = component.factory.split(":")
     app = getattr(importlib.import_module(module), function)(settings)
     host, port = component.address(settings)
+    # uvicorn's own handlers redact too: it logs each WebSocket's path, `?token=` and all.
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=10)
+                            access_log=False, timeout_graceful_shutdown=10,
+                            log_config=logsafe.uvicorn_log_config())
+    logsafe.filter_handlers()
     # SO_REUSEPORT lets several processes of one API share its port; the kernel
     # spreads connections over them, and each process stays a plain child.
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so,

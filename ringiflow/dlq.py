@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from contract import CONSUMER_GROUPS, dlq_topic
 from infra.kafka import read_from_start
-from infra.settings import Settings, libpq_url
+from infra.settings import ConfigError, Settings, libpq_url
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,15 @@ class Filters:
     event_type: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+
+
+def check_group(group: str) -> str:
+    """`group` if it is a consumer group of the catalogue; else a ConfigError
+    naming the known ones (a typo must not read as "nothing parked")."""
+    if group not in CONSUMER_GROUPS:
+        raise ConfigError(f"unknown consumer group {group!r}; the known groups are "
+                          f"{', '.join(CONSUMER_GROUPS)}")
+    return group
 
 
 def parked(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
@@ -116,8 +125,8 @@ def record_action(settings: Settings, action: str, group: str | None, aggregate:
              Jsonb(orjson.loads(orjson.dumps(details or {}, default=str)))))
 
 
-def retry(settings: Settings, group: str, aggregate: UUID) -> dict[str, Any]:
-    """Re-drive one parked aggregate through its projection's store, in order."""
+def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID) -> dict[str, Any]:
+    """Re-drive one tenant's parked aggregate through its projection's store, in order."""
     from psycopg_pool import AsyncConnectionPool
 
     from projectors.catalogue import CATALOGUE
@@ -130,7 +139,7 @@ def retry(settings: Settings, group: str, aggregate: UUID) -> dict[str, Any]:
                                        min_size=1, max_size=2) as pool:
             try:
                 result = await redrive(DeadLetters(group, settings.require("kafka_bootstrap"),
-                                                   pool), projection.store, aggregate,
+                                                   pool), projection.store, tenant, aggregate,
                                        settings.require("kafka_bootstrap"))
             finally:
                 await projection.store.close()

@@ -73,13 +73,17 @@ def aggregates_in(settings: Settings, scope: Scope) -> dict[UUID, list[UUID]]:
 def replay(settings: Settings, group: str, scope: Scope, dry_run: bool = False,
            batch: int = 500, progress: Progress = lambda _m: None) -> ReplayReport:
     by_tenant = aggregates_in(settings, scope)
+    # Aggregate ids are unique per tenant only: select streams by (tenant, id).
+    tenants = [t for t, aggregates in by_tenant.items() for _ in aggregates]
     ids = [a for aggregates in by_tenant.values() for a in aggregates]
+    streams = ("JOIN unnest(%s::uuid[], %s::uuid[]) AS s(tenant, id) "
+               "ON e.tenant_id = s.tenant AND e.aggregate_id = s.id")
     report = ReplayReport(aggregates=len(ids))
     with psycopg.connect(libpq_url(settings.require("database_url")),
                          row_factory=dict_row) as conn:
         counts = conn.execute(
-            "SELECT event_type, count(*) AS n FROM event_store.events "
-            "WHERE aggregate_id = ANY(%s) GROUP BY 1", (ids,)).fetchall()
+            f"SELECT e.event_type, count(*) AS n FROM event_store.events e {streams} "
+            "GROUP BY 1", (tenants, ids)).fetchall()
     report.by_type = {r["event_type"]: r["n"] for r in counts}
     report.events = sum(report.by_type.values())
     if dry_run or not ids:
@@ -101,9 +105,10 @@ def replay(settings: Settings, group: str, scope: Scope, dry_run: bool = False,
                                  row_factory=dict_row) as conn:
                 cur = conn.cursor(name="replay")  # server-side: any size of scope
                 cur.execute(
-                    "SELECT event_id, event_type, schema_version, aggregate_type, aggregate_id, "
-                    "version, occurred_at, payload, aggregate, metadata FROM event_store.events "
-                    "WHERE aggregate_id = ANY(%s) ORDER BY position", (ids,))
+                    "SELECT e.event_id, e.event_type, e.schema_version, e.aggregate_type, "
+                    "e.aggregate_id, e.version, e.occurred_at, e.payload, e.aggregate, "
+                    f"e.metadata FROM event_store.events e {streams} ORDER BY e.position",
+                    (tenants, ids))
                 while rows := cur.fetchmany(batch):
                     deliveries = [Delivery(stored_envelope(r), replay=True)
                                   for r in rows]
@@ -201,14 +206,16 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
             tasks.setdefault(r["workflow_id"], set()).add((str(r["step_id"]),
                                                            str(r["assignee_id"])))
         gaps = conn.execute(HISTORY_GAPS, {"tenant": tenant}).fetchall()
-        others = {(kind, r["id"]): r["version"] for kind in ("users", "definitions")
-                  for r in conn.execute(f"SELECT id, version FROM read_model.{kind}" + where,
-                                        args).fetchall()}
+        others = {(kind, r["tenant_id"], r["id"]): r["version"]
+                  for kind in ("users", "definitions")
+                  for r in conn.execute(f"SELECT tenant_id, id, version FROM read_model.{kind}"
+                                        + where, args).fetchall()}
         scope_where, scope_params = Scope(tenant).where()
         newest = conn.execute(
-            "SELECT DISTINCT ON (aggregate_id) aggregate_type, aggregate_id, version "
-            f"FROM event_store.events WHERE aggregate_type IN ('user', 'definition') "
-            f"AND {scope_where} ORDER BY aggregate_id, version DESC", scope_params).fetchall()
+            "SELECT DISTINCT ON (tenant_id, aggregate_id) aggregate_type, tenant_id, "
+            "aggregate_id, version FROM event_store.events "
+            f"WHERE aggregate_type IN ('user', 'definition') AND {scope_where} "
+            "ORDER BY tenant_id, aggregate_id, version DESC", scope_params).fetchall()
     snapshots = _newest_snapshots(settings, Scope(tenant))
     differences = _compare(snapshots, actual, "row", lambda row: {
         "last_event_version": row["version"], "status": row["aggregate"]["status"],
@@ -236,17 +243,18 @@ def verify_workflows(settings: Settings, tenant: UUID | None = None) -> list[Dif
 
 
 def _verify_versions(newest: list[dict[str, Any]],
-                     actual: dict[tuple[str, UUID], int]) -> list[Difference]:
-    """Users and definitions: the row's version is the newest event's."""
+                     actual: dict[tuple[str, UUID, UUID], int]) -> list[Difference]:
+    """Users and definitions: the row's version is the newest event's (ids are
+    unique per tenant only)."""
     differences = []
     for row in newest:
         kind = "users" if row["aggregate_type"] == "user" else "definitions"
-        have = actual.pop((kind, row["aggregate_id"]), None)
+        have = actual.pop((kind, row["tenant_id"], row["aggregate_id"]), None)
         if have != row["version"]:
             differences.append(Difference(row["aggregate_id"], f"{kind}.version",
                                           row["version"], have))
     return differences + [Difference(aid, f"{kind}.version", "absent", version)
-                          for (kind, aid), version in actual.items()]
+                          for (kind, _tenant, aid), version in actual.items()]
 
 
 def _counters(rows: list[dict[str, Any]], today: date) -> dict[UUID, dict[str, int]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.embedded import EmbeddedError, EmbeddedStack, Server, claim_port, die_with_parent
+from infra.logsafe import open_log, tighten
 from infra.provision import provision
 from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url
 from ringiflow.components import COMPONENTS, Component
@@ -72,8 +73,7 @@ class Child:
     held: bool = False  # stopped on purpose until the server it depends on is back
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
+        with open_log(self.log_path) as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ringiflow", "run", self.component.name],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -121,6 +121,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.stopping.set())
         started = time.monotonic()
+        tighten(self.settings.data_path / "logs")  # what an older version left readable
         try:
             self._check_app_ports()
             self._preflight_external()
@@ -182,6 +183,9 @@ class Supervisor:
         env = {**os.environ, **{f"RINGIFLOW_{k.upper()}": v for k, v in urls.items()},
                "RINGIFLOW_DATA_DIR": str(self.settings.data_path),
                "RINGIFLOW_JWT_SECRET": self.settings.dev_jwt_secret}
+        # The ports `up` was given (flags, not only the environment) reach every child.
+        env |= {f"RINGIFLOW_{c.port_setting.upper()}": str(getattr(self.settings, c.port_setting))
+                for c in COMPONENTS.values()}
         for component in COMPONENTS.values():
             for instance in range(component.instances(self.settings)):
                 suffix = f"-{instance + 1}" if instance else ""
@@ -336,8 +340,12 @@ class Supervisor:
                                         if p.component is c.component and p.process]
                      for c in self.children},
         }
+        # Private: the owner URL in it carries the embedded PostgreSQL's password.
         tmp = self.runtime_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(runtime, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o600)
+            out.write(json.dumps(runtime, indent=2))
         tmp.replace(self.runtime_file)
 
     def _print_endpoints(self, urls: dict[str, str], elapsed: float) -> None:
@@ -352,7 +360,7 @@ class Supervisor:
         for key, url in urls.items():
             server = self.stack.servers.get(key)
             label = f"{server.name}, embedded" if server else f"{labels[key]} (external)"
-            lines.append(f"  {label:<38} {url}")
+            lines.append(f"  {label:<38} {redact_url(url)}")
         lines.append(f"  {'data dir':<34} {self.settings.data_path}")
         lines.append(f"  {'logs':<34} {self.settings.data_path / 'logs'}")
         print("\n".join(lines), flush=True)

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from infra.embedded import die_with_parent, free_port
+from infra.logsafe import open_log
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 
@@ -44,9 +45,8 @@ class WorkerProcess:
 
     def start(self, settings: Settings) -> None:
         log_path = settings.data_path / "logs" / f"worker-{self.group}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "RINGIFLOW_WORKERS_HOST": "127.0.0.1"}
-        with open(log_path, "ab") as out:
+        with open_log(log_path) as out:  # 0600 in a 0700 dir; the worker redacts its lines
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ringiflow", "projector", self.group,
                  "--port", str(self.port)],

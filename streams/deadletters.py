@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -81,6 +81,13 @@ class Failure:
     parked_behind: UUID | None = None  # set when parked behind an earlier dead letter
 
     @property
+    def stream(self) -> tuple[UUID, UUID] | None:
+        """The (tenant, aggregate) this record holds back, if it names one."""
+        if self.aggregate_id is None or self.tenant_id is None:
+            return None
+        return self.tenant_id, self.aggregate_id
+
+    @property
     def reason(self) -> str:
         return "parked" if self.parked_behind else "failed"
 
@@ -113,18 +120,22 @@ class DeadLetters:
         self.producer = producer(bootstrap)
         self.pool = pool
 
-    async def parked(self, aggregate_ids: set[UUID]) -> dict[UUID, UUID]:
-        """Which of these aggregates wait behind a dead letter (-> its event id)."""
-        if not aggregate_ids:
+    async def parked(self, streams: set[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], UUID]:
+        """Which of these (tenant, aggregate) streams wait behind a dead letter
+        (-> its event id)."""
+        if not streams:
             return {}
 
-        async def read() -> dict[UUID, UUID]:
+        async def read() -> dict[tuple[UUID, UUID], UUID]:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT aggregate_id, first_event_id FROM streams.parked_aggregates "
-                    "WHERE consumer_group = %s AND aggregate_id = ANY(%s)",
-                    (self.group, list(aggregate_ids)))
-                return dict(await cur.fetchall())
+                    "SELECT p.tenant_id, p.aggregate_id, p.first_event_id "
+                    "FROM streams.parked_aggregates p "
+                    "JOIN unnest(%s::uuid[], %s::uuid[]) AS s(tenant, id) "
+                    "ON p.tenant_id = s.tenant AND p.aggregate_id = s.id "
+                    "WHERE p.consumer_group = %s",
+                    ([t for t, _ in streams], [a for _, a in streams], self.group))
+                return {(t, a): event for t, a, event in await cur.fetchall()}
 
         return await until_reachable(f"{self.group} parked aggregates", read)
 
@@ -159,7 +170,7 @@ class DeadLetters:
         async def park() -> None:
             async with self.pool.connection() as conn, conn.transaction():
                 for failure in failures:
-                    if failure.aggregate_id is not None:
+                    if failure.stream is not None:
                         await self._park(conn, failure)
 
         await until_reachable(f"{self.group} parking", park)
@@ -175,7 +186,7 @@ class DeadLetters:
             "INSERT INTO streams.parked_aggregates AS p (consumer_group, aggregate_id, "
             "tenant_id, aggregate_type, first_event_id, first_version, last_version, "
             "error_class, error_message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (consumer_group, aggregate_id) DO UPDATE SET "
+            "ON CONFLICT (consumer_group, tenant_id, aggregate_id) DO UPDATE SET "
             "parked_events = p.parked_events + 1, "
             "last_version = greatest(p.last_version, EXCLUDED.last_version), "
             "updated_at = clock_timestamp()",
@@ -195,10 +206,10 @@ class Redrive:
     error: str | None = None
 
 
-async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
+async def redrive(dead_letters: DeadLetters, store: Store, tenant_id: UUID, aggregate_id: UUID,
                   bootstrap: str) -> Redrive:
-    """Replay an aggregate's dead letters, in order, through the store; release
-    the aggregate when all of them applied and nothing was parked meanwhile."""
+    """Replay a tenant's aggregate's dead letters, in order, through the store;
+    release the aggregate when all of them applied and nothing was parked meanwhile."""
     from aiokafka.partitioner import DefaultPartitioner
 
     from contract import decode_envelope
@@ -210,8 +221,8 @@ async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
         async with dead_letters.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT first_version, parked_events FROM streams.parked_aggregates "
-                "WHERE consumer_group = %s AND aggregate_id = %s",
-                (dead_letters.group, aggregate_id))
+                "WHERE consumer_group = %s AND tenant_id = %s AND aggregate_id = %s",
+                (dead_letters.group, tenant_id, aggregate_id))
             row = await cur.fetchone()
         if row is None:
             return Redrive(aggregate_id, applied, released=True)
@@ -221,7 +232,7 @@ async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
         partition = DefaultPartitioner()(key, numbers, numbers)  # where the key's records are
         envelopes = [decode_envelope(m.value)
                      for m in await read_from_start(bootstrap, dead_letters.topic, [partition])
-                     if m.key == key]
+                     if m.key == key and _header(m, "tenant_id") == str(tenant_id)]
         envelopes = [e for e in envelopes if e.version >= first_version]
         for envelope in sorted(envelopes, key=lambda e: e.version):
             try:
@@ -231,17 +242,24 @@ async def redrive(dead_letters: DeadLetters, store: Store, aggregate_id: UUID,
                     await conn.execute(
                         "UPDATE streams.parked_aggregates SET error_class = %s, "
                         "error_message = %s, updated_at = clock_timestamp() "
-                        "WHERE consumer_group = %s AND aggregate_id = %s",
+                        "WHERE consumer_group = %s AND tenant_id = %s AND aggregate_id = %s",
                         (type(exc).__name__, str(exc)[:2000], dead_letters.group,
-                         aggregate_id))
+                         tenant_id, aggregate_id))
                 return Redrive(aggregate_id, applied, released=False,
                                error=f"v{envelope.version}: {type(exc).__name__}: {exc}")
             applied += 1
         async with dead_letters.pool.connection() as conn:
             cur = await conn.execute(
                 "DELETE FROM streams.parked_aggregates WHERE consumer_group = %s AND "
-                "aggregate_id = %s AND parked_events = %s",
-                (dead_letters.group, aggregate_id, parked_events))
+                "tenant_id = %s AND aggregate_id = %s AND parked_events = %s",
+                (dead_letters.group, tenant_id, aggregate_id, parked_events))
             if cur.rowcount == 1:
                 return Redrive(aggregate_id, applied, released=True)
         # More events were parked while we replayed: go again, from the top.
+
+
+def _header(message: Any, name: str) -> str | None:
+    for key, value in message.headers or ():
+        if key == name:
+            return value.decode()
+    return None

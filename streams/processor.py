@@ -79,15 +79,14 @@ class Processor:
                 continue
             replay = record.header(REPLAY_HEADER) == "true"
             deliveries.append((record, Delivery(envelope, replay)))
-        waiting = {f.aggregate_id for f in dead if f.aggregate_id}
-        parked = await self.dead_letters.parked(
-            {d.envelope.aggregate_id for _, d in deliveries})
+        waiting = {f.stream for f in dead if f.stream}
+        parked = await self.dead_letters.parked({stream_of(d) for _, d in deliveries})
         flowing: list[tuple[Record, Delivery]] = []
         for record, delivery in deliveries:
-            aggregate = delivery.envelope.aggregate_id
-            behind = parked.get(aggregate) or next(
-                (f.event_id for f in dead if f.aggregate_id == aggregate), None)
-            if aggregate in parked or aggregate in waiting:
+            stream = stream_of(delivery)
+            behind = parked.get(stream) or next(
+                (f.event_id for f in dead if f.stream == stream), None)
+            if stream in parked or stream in waiting:
                 dead.append(parked_failure(record, delivery, behind, now))
             else:
                 flowing.append((record, delivery))
@@ -120,7 +119,7 @@ class Processor:
         failures: list[Failure] = []
         for record, delivery in items:  # one by one, in order
             behind = next((f.event_id for f in failures
-                           if f.aggregate_id == delivery.envelope.aggregate_id), None)
+                           if f.stream == stream_of(delivery)), None)
             if behind:
                 failures.append(parked_failure(record, delivery, behind, first))
                 continue
@@ -159,6 +158,11 @@ class Processor:
                          "group keeps flowing for every other aggregate, but this needs an "
                          "operator: `ringiflow dlq list --group %s`", self.group, count,
                          self.parked_cap, self.group)
+
+
+def stream_of(delivery: Delivery) -> tuple[UUID, UUID]:
+    """Aggregate ids are unique per tenant only: a stream is (tenant, aggregate)."""
+    return delivery.envelope.tenant_id, delivery.envelope.aggregate_id
 
 
 def failure_of(record: Record, delivery: Delivery, error: BaseException, attempts: int,

@@ -21,6 +21,7 @@ import faust
 from prometheus_client import Gauge, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from infra import logsafe
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
 from streams.deadletters import DeadLetters, Record
@@ -173,6 +174,9 @@ def run_projector(group: str, settings: Settings, port: int) -> None:
     datadir = settings.data_path / "faust" / group
     datadir.mkdir(parents=True, exist_ok=True)
     app = build_app(group, settings, port, datadir)
+    # Faust keeps the process's logging (override_logging=False): what `ringiflow
+    # projector` configured, with every record redacted (no token or password).
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
                           redirect_stdouts=False, override_logging=False)
+    logsafe.install()
     worker.execute_from_commandline()

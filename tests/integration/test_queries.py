@@ -73,8 +73,7 @@ async def test_an_unreached_token_says_so(tenant: Tenant, queries: httpx.AsyncCl
     from contract import ConsistencyToken
 
     future = ConsistencyToken.decode(created["consistency_token"])
-    ahead = ConsistencyToken(future.aggregate_type, future.aggregate_id, 99,
-                             future.position).encode()
+    ahead = ConsistencyToken(future.aggregate_type, future.aggregate_id, 99).encode()
     listed = await get(queries, tenant, tenant.initiator, "/workflows", after=ahead, wait_ms=300)
     assert listed.status_code == 200 and listed.headers["X-Consistency"] == "timeout"
     bad = await get(queries, tenant, tenant.initiator, "/workflows", after="nonsense")

@@ -90,7 +90,8 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
     fresh_db: Settings,
 ) -> None:
     url = fresh_db.database_url or ""
-    ids = append_streams(url, aggregates=200, versions=40)  # 8,000 events
+    tenant = uuid4()  # one tenant: a stream is (tenant, aggregate id)
+    ids = append_streams(url, aggregates=200, versions=40, tenant=tenant)  # 8,000 events
     env = settings_env(fresh_db) | {"RINGIFLOW_RELAY_BATCH_SIZE": "200",
                                     "RINGIFLOW_RELAY_REBALANCE_INTERVAL_S": "0.2"}
     relays = []
@@ -106,7 +107,7 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
             time.sleep(0.02)
         assert published_count(url) < 8000, "finished before the kill: raise the volume"
         relays[0].send_signal(signal.SIGKILL)
-        append_streams(url, aggregates=200, versions=5, ids=ids, start=41)
+        append_streams(url, aggregates=200, versions=5, tenant=tenant, ids=ids, start=41)
         assert wait_all_published(url, timeout_s=90)["pending"] == 0
         expected = {row[0] for row in outbox_event_ids(url)}
         consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC, expected))
@@ -207,7 +208,8 @@ def test_a_broker_that_comes_back_empty_is_refilled_in_version_order(
                        RINGIFLOW_RELAY_MESSAGE_TIMEOUT_MS="2000", RINGIFLOW_RELAY_BACKOFF_S="0.1",
                        RINGIFLOW_RELAY_MAX_BACKOFF_S="1",
                        RINGIFLOW_RELAY_HISTORY_CHECK_INTERVAL_S="1") as relay:
-            before = append_streams(url, aggregates=20, versions=3)
+            tenant = uuid4()  # one tenant: a stream is (tenant, aggregate id)
+            before = append_streams(url, aggregates=20, versions=3, tenant=tenant)
             assert wait_all_published(url)["pending"] == 0
             time.sleep(1.5)  # the relay's marks reach the database
             broker.stop()
@@ -215,7 +217,8 @@ def test_a_broker_that_comes_back_empty_is_refilled_in_version_order(
             during = append_streams(url, aggregates=10, versions=2)  # broker down: they wait
             # The relay says it cannot publish, rather than staying green.
             wait_until(lambda: httpx.get(relay + "/readyz", timeout=5).status_code == 503, 30)
-            more = append_streams(url, aggregates=0, versions=2, start=4, ids=before[:5])
+            more = append_streams(url, aggregates=0, versions=2, start=4, tenant=tenant,
+                                  ids=before[:5])
             assert wait_all_published(url, timeout_s=1)["pending"] == 30
             broker = start_broker(fresh_db, tmp_path, port)
             # The relay recreates the topics, re-queues what the broker lost, drains.

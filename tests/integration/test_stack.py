@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -133,7 +133,7 @@ def test_read_model_views_keep_row_level_security(settings: Settings) -> None:
 def test_migrations_are_idempotent(settings: Settings) -> None:
     url = settings.database_url or ""
     db.migrate(url)
-    assert db.current_revision(url) == db.head_revision() == "0006"
+    assert db.current_revision(url) == db.head_revision() == "0007"
 
 
 async def test_redis_round_trip(settings: Settings) -> None:
@@ -211,3 +211,54 @@ async def test_readiness_names_an_unreachable_dependency(settings: Settings) -> 
     broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     results = await run_checks(readiness_checks(broken, None, "redis"), limit_s=3)
     assert results["redis"].startswith("unreachable"), json.dumps(results)
+
+
+def test_migration_0007_keys_existing_streams_and_read_models_by_tenant(
+        settings: Settings) -> None:
+    """An installation at 0006, with data and a rebuilt read-model version, upgrades
+    in place: its rows stay, and afterwards a second tenant may hold the same id."""
+    import orjson
+
+    name = f"m_{uuid4().hex[:8]}"
+    admin = libpq_url(settings.database_url or "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = (settings.database_url or "").rsplit("/", 1)[0] + f"/{name}"
+    try:
+        db.migrate(url, revision="0006")
+        shared, first, second = uuid4(), uuid4(), uuid4()
+
+        def append(conn: psycopg.Connection, tenant: UUID) -> None:
+            event = {"event_id": str(uuid4()), "aggregate_type": "user",
+                     "aggregate_id": str(shared), "version": 1, "event_type": "UserRegistered",
+                     "schema_version": 1, "occurred_at": "2026-12-01T00:00:00Z",
+                     "payload": {}, "aggregate": {}, "metadata": {}}
+            conn.execute("SELECT event_store.append_events(%s, %s::jsonb)", (tenant, orjson.dumps(
+                [{"envelope": event, "topic": "ringiflow.user.events", "headers": {}}]).decode()))
+
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            append(conn, first)
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                append(conn, second)  # before: ids were unique across tenants
+            conn.execute("CREATE SCHEMA read_model_v2")
+            conn.execute("CREATE TABLE read_model_v2.users "
+                         "(LIKE read_model_v1.users INCLUDING ALL)")
+            for table in ("workflow_read_models", "workflow_steps", "my_tasks", "definitions"):
+                conn.execute(f"CREATE TABLE read_model_v2.{table} "
+                             f"(LIKE read_model_v1.{table} INCLUDING ALL)")
+        db.migrate(url)
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            append(conn, second)  # after: the same id in another tenant
+            assert conn.execute("SELECT count(*) FROM event_store.events WHERE aggregate_id = %s",
+                                (shared,)).fetchone() == (2,)
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                append(conn, second)  # still one stream per tenant and id
+            keys = dict(conn.execute(
+                "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE contype = 'p' AND conrelid::regclass::text ~ '^read_model_v[12][.]users$'"
+            ).fetchall())
+        assert keys == {"read_model_v1.users": "PRIMARY KEY (tenant_id, id)",
+                        "read_model_v2.users": "PRIMARY KEY (tenant_id, id)"}
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -149,11 +149,13 @@ async def test_a_dead_letter_parks_its_aggregate_across_restarts_until_released_
             [b"failed"] + [b"parked"] * (len(stream) - 2)
 
         # Still broken: a re-drive stops at the same event and keeps it parked.
-        result = await redrive(DeadLetters(group, bootstrap, pool), flaky, victim, bootstrap)
+        result = await redrive(DeadLetters(group, bootstrap, pool), flaky, world.tenant_id,
+                               victim, bootstrap)
         assert (result.released, result.applied) == (False, 0)
         # Fixed: the re-drive applies the parked sequence in order and releases it.
         flaky.refuse.clear()
-        result = await redrive(DeadLetters(group, bootstrap, pool), flaky, victim, bootstrap)
+        result = await redrive(DeadLetters(group, bootstrap, pool), flaky, world.tenant_id,
+                               victim, bootstrap)
         assert result.released and result.applied == len(stream) - 1
         assert (await workflow_rows(fresh_db, world.tenant_id))[victim] == stream[-1].version
         async with pool.connection() as conn:

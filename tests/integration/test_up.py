@@ -29,10 +29,10 @@ COMPONENT_PORTS = ("RINGIFLOW_COMMAND_API_PORT", "RINGIFLOW_QUERY_API_PORT",
 
 
 class Up:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], flags: tuple[str, ...] = ()) -> None:
         self.env = env
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ringiflow", "up"], env=env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "ringiflow", "up", *flags], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )
         self.output: list[str] = []
@@ -71,8 +71,8 @@ class Up:
 
 
 @contextmanager
-def running(env: dict[str, str]) -> Iterator[Up]:
-    up = Up(env)
+def running(env: dict[str, str], flags: tuple[str, ...] = ()) -> Iterator[Up]:
+    up = Up(env, flags)
     try:
         up.wait_until_up()
         yield up
@@ -98,7 +98,12 @@ def test_up_serves_every_endpoint_restarts_crashes_and_leaves_nothing_behind(
     cli_env: dict[str, str],
 ) -> None:
     marker = uuid4()
-    with running(cli_env) as up:
+    # The API ports as flags (the children must get them too), the others from the env.
+    flags = ("--command-port", cli_env["RINGIFLOW_COMMAND_API_PORT"],
+             "--query-port", cli_env["RINGIFLOW_QUERY_API_PORT"])
+    env = {k: v for k, v in cli_env.items()
+           if k not in ("RINGIFLOW_COMMAND_API_PORT", "RINGIFLOW_QUERY_API_PORT")}
+    with running(env, flags) as up:
         out = "".join(up.output)
         for var in COMPONENT_PORTS:
             base = f"http://127.0.0.1:{cli_env[var]}"

@@ -1,0 +1,119 @@
+"""Fair shares, honest waits woken by notification, and the JSON depth guard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from uuid import uuid4
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contract import AggregateType, ConsistencyToken
+from infra.edge import json_depth_exceeds
+from infra.problems import Problem
+from query_api.consistency import Waits
+from query_api.live import Refused, Shares
+
+TOKEN = ConsistencyToken(AggregateType.WORKFLOW, uuid4(), 3)
+
+
+def test_shares_cap_per_user_then_per_tenant_and_give_back() -> None:
+    shares = Shares("sockets", per_user=2, per_tenant=3, total=10)
+    with shares.hold("t", "u1"), shares.hold("t", "u1"):
+        with pytest.raises(Refused, match="for this user"), shares.hold("t", "u1"):
+            pass
+        with shares.hold("t", "u2"):
+            with pytest.raises(Refused, match="for this tenant"), shares.hold("t", "u3"):
+                pass
+            with shares.hold("other", "u1"):  # another tenant is not affected
+                pass
+    assert shares.held == 0 and not shares.users and not shares.tenants
+
+
+async def test_a_notification_wakes_a_waiter_at_once() -> None:
+    waits = Waits(per_user=4, per_tenant=8)
+    tenant, user, version = uuid4(), uuid4(), [0]
+    reads = [0]
+
+    async def applied(_token: ConsistencyToken) -> int:
+        reads[0] += 1
+        return version[0]
+
+    async def apply_later() -> None:
+        await asyncio.sleep(0.3)
+        version[0] = 3
+        waits.wake(str(tenant))
+
+    started = time.monotonic()
+    helper = asyncio.create_task(apply_later())
+    # poll_s=30: without the notification the waiter would sleep far past 0.3 s
+    result = await waits.wait(tenant, user, TOKEN, applied, 5000, poll_s=30)
+    await helper
+    assert result.status == "reached"
+    assert time.monotonic() - started < 1.0
+    assert reads[0] < 15, f"{reads[0]} reads: polling, not waiting for the wake-up"
+    assert not waits.wakeups  # nothing left behind
+
+
+async def test_the_deadline_holds_even_when_a_read_hangs() -> None:
+    waits = Waits(per_user=4, per_tenant=8)
+
+    async def stuck(_token: ConsistencyToken) -> int:
+        await asyncio.sleep(60)  # e.g. a pool with no free connection
+        return 0
+
+    started = time.monotonic()
+    result = await waits.wait(uuid4(), uuid4(), TOKEN, stuck, 1500)
+    assert result.status == "timeout"
+    assert 1.4 < time.monotonic() - started < 2.0
+
+
+async def test_too_many_waits_of_one_user_are_429() -> None:
+    waits = Waits(per_user=1, per_tenant=8)
+    tenant, user = uuid4(), uuid4()
+
+    async def never(_token: ConsistencyToken) -> int:
+        return 0
+
+    first = asyncio.create_task(waits.wait(tenant, user, TOKEN, never, 500))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Problem) as refused:
+        await waits.wait(tenant, user, TOKEN, never, 500)
+    assert refused.value.status == 429 and "limit 1" in refused.value.detail
+    assert (await waits.wait(tenant, uuid4(), TOKEN, never, 0)).status == "timeout"
+    assert (await first).status == "timeout"
+
+
+def depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth(v) for v in value.values()), default=0)
+    return 0
+
+
+JSON = st.recursive(st.none() | st.integers() | st.text(alphabet='[]{}"\\ax', max_size=8),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=4), inner,
+                                      max_size=3), max_leaves=30)
+
+
+@settings(max_examples=300, derandomize=True)
+@given(value=JSON, limit=st.integers(1, 8))
+def test_the_depth_guard_agrees_with_a_parser(value: object, limit: int) -> None:
+    body = json.dumps(value).encode()
+    assert json_depth_exceeds(body, limit) == (depth(value) > limit)
+
+
+@settings(max_examples=300, derandomize=True)
+@given(raw=st.text(max_size=300))
+def test_any_string_decodes_to_a_token_or_a_value_error(raw: str) -> None:
+    try:
+        token = ConsistencyToken.decode(raw)
+    except ValueError as exc:
+        assert "consistency token" in str(exc)
+    else:
+        assert 1 <= token.version <= ConsistencyToken.MAX_VERSION
