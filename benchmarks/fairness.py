@@ -25,30 +25,17 @@ from uuid import uuid4
 import aiohttp
 import psutil
 
-from benchmarks.common import add_broker_flag, app_process, embedded_stack, median
-from benchmarks.queries import seed
+from benchmarks.common import add_broker_flag, app_process, embedded_stack, median, percentile
+from benchmarks.queries import load, seed
 from contract import AggregateType, ConsistencyToken
 
 LIST = "/api/v1/queries/workflows?limit=20"
 WAIT_MS = 10_000
 
 
-async def reads(base: str, token: str, seconds: float, concurrency: int = 4) -> list[float]:
-    latencies: list[float] = []
-    headers = {"Authorization": f"Bearer {token}"}
-    async with aiohttp.ClientSession(headers=headers) as session:
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                async with session.get(base + LIST) as response:
-                    await response.read()
-                    assert response.status == 200, response.status
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+async def reads(base: str, token: str, seconds: float) -> list[float]:
+    """Tenant B's list pages at concurrency 4: their latencies."""
+    return (await load(base, [LIST], token, 4, seconds))[1]
 
 
 async def flood(base: str, token: str, workflow_ids: list[str], seconds: float,
@@ -83,11 +70,6 @@ async def flood(base: str, token: str, workflow_ids: list[str], seconds: float,
 
         await asyncio.gather(*(waiter(n) for n in range(width)))
     return statuses, longest, reported
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def unauthenticated_post(base: str, size: int) -> float:

@@ -8,14 +8,13 @@ themselves (verified tokens are cached, so the second check is a dict lookup).""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infra.auth import Authenticator, AuthError
-from infra.problems import PROBLEM_JSON, TYPE_BASE
+from infra.problems import PROBLEM_JSON, Problem
 
 # A JSON string (skipped whole) or a bracket; possessive, so no backtracking.
 _TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
@@ -52,8 +51,9 @@ class RequestGuard:
         try:
             self.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
         except AuthError as exc:
-            await _problem(send, scope, 401, "unauthenticated", "Authentication required",
-                           str(exc), {"www-authenticate": 'Bearer realm="ringiflow"'})
+            await _send(send, scope, Problem(
+                401, "unauthenticated", "Authentication required", str(exc),
+                headers={"www-authenticate": 'Bearer realm="ringiflow"'}))
             return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -71,19 +71,21 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         if body and json_depth_exceeds(bytes(body), self.max_depth):
-            await _problem(send, scope, 422, "validation_error", "Request is invalid",
-                           f"the JSON body nests deeper than {self.max_depth} levels; "
-                           "send the documented shape", {},
-                           errors=[{"field": "body", "in": "body", "type": "json_too_deep",
-                                    "message": f"nesting deeper than {self.max_depth}"}])
+            await _send(send, scope, Problem(
+                422, "validation_error", "Request is invalid",
+                f"the JSON body nests deeper than {self.max_depth} levels; send the "
+                "documented shape",
+                errors=[{"field": "body", "in": "body", "type": "json_too_deep",
+                         "message": f"nesting deeper than {self.max_depth}"}]))
             return
         await self.app(scope, _replay(bytes(body), receive), send)
 
     async def _too_large(self, send: Send, scope: Scope) -> None:
-        await _problem(send, scope, 413, "payload_too_large", "Request body too large",
-                       f"request bodies are limited to {self.max_body} bytes (and need a "
-                       "valid Content-Length); documents are sent as metadata, not content",
-                       {"connection": "close"})
+        await _send(send, scope, Problem(
+            413, "payload_too_large", "Request body too large",
+            f"request bodies are limited to {self.max_body} bytes (and need a valid "
+            "Content-Length); documents are sent as metadata, not content",
+            headers={"connection": "close"}))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -99,11 +101,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _problem(send: Send, scope: Scope, status: int, code: str, title: str, detail: str,
-                   headers: dict[str, str], **extra: Any) -> None:
-    body = orjson.dumps({"type": TYPE_BASE + code, "title": title, "status": status,
-                         "detail": detail, "instance": scope["path"], "code": code, **extra})
+async def _send(send: Send, scope: Scope, problem: Problem) -> None:
+    """The problem+json the exception handlers would answer, sent before any route."""
+    body = orjson.dumps(problem.body(scope["path"]))
     raw = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    raw += [(k.encode(), v.encode()) for k, v in problem.headers.items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -36,6 +36,7 @@ from infra.settings import (
     ConfigError,
     Settings,
     secret_file,
+    write_private,
 )
 
 log = logging.getLogger(__name__)
@@ -319,10 +320,8 @@ def start_postgres(data_dir: Path, port: int, timeout: float, fsync: bool = True
 def _initdb(initdb: Path, pgdata: Path, password: str, run_as: dict[str, object]) -> None:
     # initdb reads the password from a file its (maybe unprivileged) user can open.
     pwfile = pgdata.parent / ".initdb-password"
-    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(password + "\n")
+        write_private(pwfile, password + "\n")
         if run_as:
             os.chown(pwfile, run_as["user"], run_as["group"])  # type: ignore[arg-type]
         result = subprocess.run(

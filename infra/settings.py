@@ -220,6 +220,14 @@ class Settings(BaseSettings):
         return self.model_copy(update=update) if update else self
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `path` readable by its owner only, whatever the umask or its old mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)
+        out.write(text)
+
+
 def secret_file(path: Path, create: bool = True) -> str | None:
     """A secret kept in a file only its owner can read: read it, or (when `create`)
     generate it once. None when it does not exist and is not to be made."""
@@ -229,11 +237,8 @@ def secret_file(path: Path, create: bool = True) -> str | None:
         if not create:
             return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(48)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(value + "\n")
+    write_private(tmp, secrets.token_urlsafe(48) + "\n")
     try:
         os.link(tmp, path)  # never replaces a secret another process just made
     except FileExistsError:

@@ -29,7 +29,7 @@ from pathlib import Path
 from infra.embedded import EmbeddedError, EmbeddedStack, Server, claim_port, die_with_parent
 from infra.logsafe import open_log, tighten
 from infra.provision import provision
-from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url
+from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url, write_private
 from ringiflow.components import COMPONENTS, Component
 
 log = logging.getLogger("ringiflow.up")
@@ -342,10 +342,7 @@ class Supervisor:
         }
         # Private: the owner URL in it carries the embedded PostgreSQL's password.
         tmp = self.runtime_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(fd, 0o600)
-            out.write(json.dumps(runtime, indent=2))
+        write_private(tmp, json.dumps(runtime, indent=2))
         tmp.replace(self.runtime_file)
 
     def _print_endpoints(self, urls: dict[str, str], elapsed: float) -> None:
