@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -336,10 +336,45 @@ def utcnow() -> datetime:
 
 # --- consistency token (read-your-writes, SPEC §5) ---------------------------
 
-# PostgreSQL NOTIFY channel: the workflow-projector names the tenants of each
-# batch it commits (comma-separated; "*" for all), so waiting queries re-read.
+# PostgreSQL NOTIFY channel: a projector names what each batch it committed made
+# visible, so the query API wakes only the waits those versions satisfy (one read
+# each) instead of every wait of the tenant (a re-read per wait per batch).
 APPLIED_NOTIFY_CHANNEL = "ringiflow_applied"
 NOTIFY_PAYLOAD_MAX = 7900  # PostgreSQL's limit is 8000 bytes
+
+Applied = tuple[UUID, UUID, int]  # (tenant_id, aggregate_id, version now visible)
+
+
+def applied_payloads(read_model: str, applied: Iterable[Applied]) -> list[str]:
+    """`read_model;tenant:aggregate:version,...` payloads, each within NOTIFY's limit;
+    one entry per aggregate (its newest version)."""
+    newest: dict[tuple[UUID, UUID], int] = {}
+    for tenant, aggregate, version in applied:
+        newest[(tenant, aggregate)] = max(version, newest.get((tenant, aggregate), 0))
+    payloads, entries, size = [], [], len(read_model) + 1
+    for (tenant, aggregate), version in newest.items():
+        entry = f"{tenant}:{aggregate}:{version}"
+        if entries and size + len(entry) + 1 > NOTIFY_PAYLOAD_MAX:
+            payloads.append(f"{read_model};" + ",".join(entries))
+            entries, size = [], len(read_model) + 1
+        entries.append(entry)
+        size += len(entry) + 1
+    if entries:
+        payloads.append(f"{read_model};" + ",".join(entries))
+    return payloads
+
+
+def parse_applied(payload: str) -> tuple[str, list[Applied]]:
+    """The inverse of applied_payloads; a malformed entry is skipped."""
+    read_model, _, rest = payload.partition(";")
+    found: list[Applied] = []
+    for entry in rest.split(","):
+        try:
+            tenant, aggregate, version = entry.split(":")
+            found.append((UUID(tenant), UUID(aggregate), int(version)))
+        except ValueError:
+            continue
+    return read_model, found
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,9 @@ class Settings(BaseSettings):
 
     # Stream processors.
     worker_batch_size: int = Field(default=500, ge=1, le=50_000)
-    worker_batch_wait_s: float = Field(default=0.05, ge=0)
+    # How long a fetch may wait at the broker for data; None: 50 ms on Tansu (it holds
+    # each fetch this long), 500 ms on Kafka (it answers when data arrives).
+    worker_fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=10_000)
     worker_retry_attempts: int = Field(default=5, ge=1)
     parked_aggregates_cap: int = Field(default=1000, ge=1)
     stall_after_s: float = Field(default=60.0, gt=0)  # lag > 0 and no progress this long

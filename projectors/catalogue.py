@@ -36,7 +36,8 @@ CATALOGUE: dict[str, ProjectionFactory] = {
         CacheStore(s.require("redis_url"))),
     "search-indexer": lambda s: Projection(
         "search-indexer", (WORKFLOW_EVENTS.name,), None,
-        SearchStore(s.require("opensearch_url"), s.search_alias)),
+        SearchStore(s.require("opensearch_url"), s.search_alias, searchable_at_once=True),
+        announces="search"),
     "audit-processor": lambda s: Projection(
         "audit-processor", ALL_EVENTS, None,
         DerivedTopicStore(s.require("kafka_bootstrap"), audit_records, side_effect=False)),

@@ -53,6 +53,11 @@ class Projection:
     topics: tuple[str, ...]
     event_types: frozenset[str] | None  # None: every event on the topics
     store: Store = field(compare=False)
+    # The read model name under which the worker NOTIFYs what each batch made
+    # visible, so the query API's consistency waits on it wake at once (None: it
+    # does not, or its store does so itself, as the workflow store does in its
+    # own transaction).
+    announces: str | None = None
 
     def handles(self, event_type: str) -> bool:
         return self.event_types is None or event_type in self.event_types

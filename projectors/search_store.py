@@ -69,9 +69,16 @@ def document(snapshot: dict[str, Any], tenant_id: str) -> dict[str, Any]:
 
 
 class SearchStore:
-    def __init__(self, opensearch_url: str, alias: str = ALIAS) -> None:
+    """`searchable_at_once`: each bulk refreshes the index before it returns, so what
+    the indexer applied (and announced) is already found by a search -- one refresh
+    per batch, however many readers wait, instead of one per waiting query. A
+    rebuild leaves it off and lets the index refresh on its own schedule."""
+
+    def __init__(self, opensearch_url: str, alias: str = ALIAS,
+                 searchable_at_once: bool = False) -> None:
         self.client = AsyncOpenSearch(hosts=[opensearch_url], timeout=30, max_retries=0)
         self.alias = alias
+        self.searchable_at_once = searchable_at_once
 
     async def start(self) -> None:
         await ensure_index(self.client, self.alias)
@@ -91,7 +98,8 @@ class SearchStore:
                                    "version": e.version, "version_type": "external"}})
             body.append(document(e.aggregate, str(e.tenant_id)))
         try:
-            result = await self.client.bulk(body=body)
+            result = await self.client.bulk(
+                body=body, params={"refresh": "true"} if self.searchable_at_once else None)
         except (OSConnectionError, ConnectionTimeout) as exc:
             raise Unavailable(f"OpenSearch unreachable: {exc}") from exc
         except TransportError as exc:

@@ -19,7 +19,7 @@ from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from contract import APPLIED_NOTIFY_CHANNEL, NOTIFY_PAYLOAD_MAX
+from contract import APPLIED_NOTIFY_CHANNEL, applied_payloads
 from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
 
 UPSERT_WORKFLOWS = """
@@ -185,10 +185,11 @@ class WorkflowStore:
                                        (str(tenant),))
                     await self._apply_tenant(conn, tenant, deliveries)
                 if self.schema == "read_model":  # delivered on commit, to waiting queries
-                    tenants = ",".join(str(t) for t in by_tenant)
-                    await conn.execute("SELECT pg_notify(%s, %s)", (
-                        APPLIED_NOTIFY_CHANNEL,
-                        tenants if len(tenants) <= NOTIFY_PAYLOAD_MAX else "*"))
+                    for payload in applied_payloads("postgres", (
+                            (d.envelope.tenant_id, d.envelope.aggregate_id, d.envelope.version)
+                            for d in batch)):
+                        await conn.execute("SELECT pg_notify(%s, %s)",
+                                           (APPLIED_NOTIFY_CHANNEL, payload))
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise Unavailable(f"PostgreSQL unreachable: {exc}") from exc
         except psycopg.Error as exc:

@@ -72,7 +72,14 @@ def create_app(settings: Settings) -> FastAPI:
         await hub.start()
 
         def wake(tenant: str) -> Callable[[bytes], None]:
-            return lambda _message: waits.wake(tenant)
+            def woken(message: bytes) -> None:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    update = orjson.loads(message)
+                    if update.get("type") == "WorkflowUpdated":
+                        payload = update["payload"]
+                        waits.applied("redis", tenant, UUID(payload["workflow_id"]),
+                                      int(payload["version"]))
+            return woken
 
         wakers: dict[str, Callable[[bytes], None]] = {}
 
@@ -148,7 +155,8 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> Response:
         consistency = await waits.wait(
             principal.tenant_id, principal.user_id, parse_token(token, after),
-            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
+            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms,
+            "workflow_list")
         page = await reads().workflows(
             principal.tenant_id, sort=sort, direction=direction, limit=limit, cursor=cursor,
             filters={"status": status, "priority": priority, "initiator": initiator,
@@ -178,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
         cache: DetailCache = state["cache"]
         consistency = await waits.wait(
             tenant, principal.user_id, requested,
-            lambda t: cache.applied_version(tenant, t.aggregate_id), wait_ms)
+            lambda t: cache.applied_version(tenant, t.aggregate_id), wait_ms, "workflow_detail")
         snapshot, source = await cache.get(tenant, workflow_id), "cache"
         wanted = consistency.token.version if consistency.token else 0
         if snapshot is None or snapshot["version"] < wanted:
@@ -215,7 +223,8 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> Response:
         consistency = await waits.wait(
             principal.tenant_id, principal.user_id, parse_token(token, after),
-            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms)
+            lambda t: reads().applied_workflow_version(principal.tenant_id, t), wait_ms,
+            "my_tasks")
         tasks = await reads().my_tasks(principal.tenant_id, principal.user_id, limit)
         return json_response({"items": tasks}, consistency)
 
@@ -249,7 +258,10 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def indexed_version(t: Any) -> int:
             try:
-                doc = await client.get(index=settings.search_alias, id=str(t.aggregate_id))
+                # realtime=false: the version a search finds (refreshed), not the
+                # translog's; the indexer refreshes every batch it applies.
+                doc = await client.get(index=settings.search_alias, id=str(t.aggregate_id),
+                                       params={"realtime": "false"})
             except NotFoundError:
                 return 0
             except OpenSearchException:
@@ -258,12 +270,10 @@ def create_app(settings: Settings) -> FastAPI:
             return int(doc["_version"]) if same_tenant else 0
 
         try:
-            # No notification from the index: this one polls, capped like the others.
+            # Woken by the search-indexer's NOTIFY after each bulk (Projection.announces).
             consistency = await waits.wait(principal.tenant_id, principal.user_id,
                                            parse_token(token, after), indexed_version, wait_ms,
-                                           poll_s=0.1)
-            if consistency.token is not None:
-                await client.indices.refresh(index=settings.search_alias)
+                                           "search")
             found = await client.search(index=settings.search_alias, body={
                 "query": {"bool": {"filter": filters, "must": [{"multi_match": {
                     "query": q, "fields": ["title^3", "title.en^2", "description",

@@ -8,21 +8,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from uuid import UUID
 
 import psycopg
+from prometheus_client import Histogram
 
-from contract import APPLIED_NOTIFY_CHANNEL, ConsistencyToken
+from contract import APPLIED_NOTIFY_CHANNEL, ConsistencyToken, parse_applied
 from infra.problems import Problem
+from infra.telemetry import HOP_BUCKETS
 from query_api.live import Refused, Shares
 
 log = logging.getLogger("ringiflow.query.consistency")
 DEFAULT_WAIT_MS = 2000
 MAX_WAIT_MS = 10_000
 FIRST_READ_S = 1.0
+WAITED = Histogram("ringiflow_consistency_wait_seconds",
+                   "A read's wait for its consistency token, by read model and outcome",
+                   ["read_model", "outcome"], buckets=HOP_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -48,54 +53,71 @@ def parse_token(header: str | None, query: str | None) -> ConsistencyToken | Non
     return tokens[0] if tokens else None
 
 
+# Which store each waited-on read model lives in: the name its projector announces.
+SOURCES = {"workflow_list": "postgres", "my_tasks": "postgres", "workflow_detail": "redis",
+           "search": "search"}
+
+
 class Waits:
     """Read-your-writes waits, fair and honest: at most so many at once per user
     and per tenant (429 beyond), never longer than asked (each read of the read
-    model is bounded by the deadline too), and woken by notifications -- the
-    workflow-projector's NOTIFY and the cache-projector's tenant channel -- so a
-    waiter re-reads when something changed instead of polling tightly."""
+    model is bounded by the deadline too), and woken by what the projectors
+    announce -- the workflow-projector's and search-indexer's NOTIFY, the
+    cache-projector's tenant channel -- naming each (tenant, aggregate, version)
+    they made visible. Only a wait that version satisfies wakes and re-reads, so
+    a busy tenant costs one read per wait, not one per wait per batch."""
 
     def __init__(self, per_user: int, per_tenant: int) -> None:
         self.shares = Shares("concurrent consistency waits", per_user, per_tenant)
-        self.wakeups: dict[str, set[asyncio.Event]] = defaultdict(set)
-        # (tenant) -> called once when its first waiter arrives / last one leaves
+        # (store, tenant, aggregate) -> {wake-up: the version it waits for}
+        self.waiting: dict[tuple[str, str, UUID], dict[asyncio.Event, int]] = defaultdict(dict)
+        self.redis_tenants: Counter[str] = Counter()  # detail waits per tenant
+        # (tenant) -> called once when its first detail wait arrives / last one leaves
         self.on_first: Callable[[str], Awaitable[None]] | None = None
         self.on_last: Callable[[str], Awaitable[None]] | None = None
 
-    def wake(self, tenant: str) -> None:
-        for event in self.wakeups.get(tenant, ()):
-            event.set()
+    def applied(self, store: str, tenant: str, aggregate: UUID, version: int) -> None:
+        for event, wanted in self.waiting.get((store, tenant, aggregate), {}).items():
+            if version >= wanted:
+                event.set()
 
     def wake_all(self) -> None:
-        for events in self.wakeups.values():
+        """Notifications may have been missed (a reconnect): every wait re-reads."""
+        for events in self.waiting.values():
             for event in events:
                 event.set()
 
     async def wait(self, tenant: UUID, user: UUID, token: ConsistencyToken | None,
                    applied: Callable[[ConsistencyToken], Awaitable[int]], wait_ms: int,
-                   poll_s: float = 1.0) -> Consistency:
-        """`applied`: the version the read model shows for the token's aggregate.
+                   read_model: str, poll_s: float = 1.0) -> Consistency:
+        """`applied`: the version `read_model` shows for the token's aggregate.
         `poll_s`: the longest sleep between reads when no notification comes."""
         if token is None:
             return Consistency("none", 0)
         try:
             with self.shares.hold(tenant, user):
-                return await self._wait(str(tenant), token, applied, wait_ms, poll_s)
+                started = time.monotonic()
+                answer = await self._wait(SOURCES[read_model], str(tenant), token, applied,
+                                          wait_ms, poll_s)
+                WAITED.labels(read_model, answer.status).observe(time.monotonic() - started)
+                return answer
         except Refused as exc:
             raise Problem(429, "too_many_waits", "Too many consistency waits", str(exc),
                           headers={"Retry-After": "1"}) from None
 
-    async def _wait(self, tenant: str, token: ConsistencyToken,
+    async def _wait(self, store: str, tenant: str, token: ConsistencyToken,
                     applied: Callable[[ConsistencyToken], Awaitable[int]], wait_ms: int,
                     poll_s: float) -> Consistency:
         started = time.monotonic()
         budget = min(max(wait_ms, 0), MAX_WAIT_MS) / 1000
         deadline = started + budget
         event = asyncio.Event()
-        first = not self.wakeups.get(tenant)
-        self.wakeups[tenant].add(event)
-        if first and self.on_first is not None:
-            await self.on_first(tenant)
+        key = (store, tenant, token.aggregate_id)
+        self.waiting[key][event] = token.version
+        if store == "redis":
+            self.redis_tenants[tenant] += 1
+            if self.redis_tenants[tenant] == 1 and self.on_first is not None:
+                await self.on_first(tenant)
         sleep = 0.01
         try:
             while True:
@@ -116,11 +138,15 @@ class Waits:
                     await asyncio.wait_for(event.wait(), min(remaining, sleep))
                 sleep = min(sleep * 2, poll_s)
         finally:
-            events = self.wakeups.get(tenant)
+            events = self.waiting.get(key)
             if events is not None:
-                events.discard(event)
+                events.pop(event, None)
                 if not events:
-                    del self.wakeups[tenant]
+                    del self.waiting[key]
+            if store == "redis":
+                self.redis_tenants[tenant] -= 1
+                if self.redis_tenants[tenant] <= 0:
+                    del self.redis_tenants[tenant]
                     if self.on_last is not None:
                         await self.on_last(tenant)
 
@@ -130,7 +156,7 @@ class Waits:
 
 
 async def listen_applied(url: str, waits: Waits) -> None:
-    """Wake the waiters of each tenant the workflow-projector just wrote."""
+    """Wake the waits that what the projectors just committed satisfies."""
     while True:
         try:
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
@@ -138,11 +164,9 @@ async def listen_applied(url: str, waits: Waits) -> None:
                 await conn.execute(f"LISTEN {APPLIED_NOTIFY_CHANNEL}")
                 waits.wake_all()  # whatever was applied while nobody listened
                 async for note in conn.notifies():
-                    if note.payload == "*":
-                        waits.wake_all()
-                    else:
-                        for tenant in note.payload.split(","):
-                            waits.wake(tenant)
+                    store, applied = parse_applied(note.payload)
+                    for tenant, aggregate, version in applied:
+                        waits.applied(store, str(tenant), aggregate, version)
         except psycopg.Error as exc:
             log.warning("consistency waits: LISTEN %s failed (%s); polling until it is back",
                         APPLIED_NOTIFY_CHANNEL, exc)

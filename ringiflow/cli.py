@@ -634,8 +634,16 @@ def lag(
         totals: dict[str, int] = {}
         for p in result.partitions:
             totals[p.group] = totals.get(p.group, 0) + p.lag
+        delays = result.apply_delays or {}
         for group, total in totals.items():
-            typer.echo(f"{group}: lag {total}, parked aggregates {result.parked.get(group, 0)}")
+            delay = delays.get(group) or {}
+            applied = (f", applied in p50 {delay['p50_ms']} ms / p99 {delay['p99_ms']} ms "
+                       f"(last {delay['events']} events)" if delay.get("events") else "")
+            typer.echo(f"{group}: lag {total}, parked aggregates "
+                       f"{result.parked.get(group, 0)}{applied}")
+        if result.apply_delays is None:
+            typer.echo("apply delays: unknown (the workers' endpoint did not answer; is "
+                       "`ringiflow up` running on this data dir?)")
         age = f"{result.oldest_pending_s:.1f} s" if result.oldest_pending_s else "-"
         typer.echo(f"outbox: {result.outbox_pending} pending (oldest {age}), "
                    f"{result.outbox_failed} failed")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
+import httpx
 import psycopg
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -38,11 +40,15 @@ class LagReport:
     outbox_pending: int
     outbox_failed: int
     oldest_pending_s: float | None
+    # group -> the workers' recent received -> applied delay ({"p50_ms", "p99_ms",
+    # "events", "window_s"}); None when the workers could not be asked
+    apply_delays: dict[str, dict[str, Any] | None] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"partitions": [asdict(p) for p in self.partitions], "parked": self.parked,
                 "outbox": {"pending": self.outbox_pending, "failed": self.outbox_failed,
-                           "oldest_pending_s": self.oldest_pending_s}}
+                           "oldest_pending_s": self.oldest_pending_s},
+                "apply_delay": self.apply_delays}
 
     def breaches(self, max_lag: int | None, max_outbox_age_s: float | None,
                  max_parked: int | None, max_event_age_s: float | None = None) -> list[str]:
@@ -121,6 +127,17 @@ async def partitions(bootstrap: str, groups: dict[str, tuple[str, ...]]) -> list
         await stop_consumer(consumer)
 
 
+def apply_delays(settings: Settings) -> dict[str, dict[str, Any] | None] | None:
+    """Ask the running workers (`ringiflow run workers`) for each group's recent delays."""
+    try:
+        answer = httpx.get(f"http://{settings.workers_host}:{settings.workers_port}"
+                           "/apply-delay", timeout=5)
+        answer.raise_for_status()
+        return answer.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def report(settings: Settings) -> LagReport:
     groups = {group: CATALOGUE[group](settings).topics for group in CATALOGUE}
     rows = asyncio.run(partitions(settings.require("kafka_bootstrap"), groups))
@@ -133,4 +150,5 @@ def report(settings: Settings) -> LagReport:
             "min(created_at) FILTER (WHERE status = 'pending')) FROM event_store.outbox"
         ).fetchone()  # type: ignore[misc]
     return LagReport(rows, {g: int(parked.get(g, 0)) for g in groups}, int(pending),
-                     int(failed), float(age) if age is not None else None)
+                     int(failed), float(age) if age is not None else None,
+                     apply_delays(settings))

@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Response
@@ -124,6 +125,13 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ready" if ready else "not_ready",
                              "component": "workers", "workers": detail},
                             status_code=200 if ready else 503)
+
+    @app.get("/apply-delay")
+    async def apply_delay() -> dict[str, Any]:
+        """Each group's recent received -> applied delay (p50/p99), for `ringiflow lag`."""
+        answers = await each("/apply-delay")
+        return {group: (r.json() if r is not None and r.status_code == 200 else None)
+                for group, r in answers.items()}
 
     @app.get("/metrics")
     async def metrics() -> Response:

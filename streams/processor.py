@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 import contract
+from infra.telemetry import HOP_BUCKETS
 from projectors.projection import Delivery, NonRetryable, Projection, Retryable, Unavailable
 from streams.deadletters import DeadLetters, Failure, Record
 
@@ -37,6 +38,10 @@ PARKED_OVER_CAP = Gauge("ringiflow_parked_over_cap",
                         "1 when more aggregates are parked than the cap allows", ["group"])
 EVENT_AGE = Gauge("ringiflow_event_age_seconds",
                   "Now minus occurred_at of the last event applied", ["group", "partition"])
+
+AGE_AT_APPLY = Histogram("ringiflow_event_age_at_apply_seconds",
+                         "occurred_at (the command's commit) to applied in this read model",
+                         ["group"], buckets=HOP_BUCKETS)
 
 REPLAY_HEADER = "ringiflow-replay"
 
@@ -96,10 +101,15 @@ class Processor:
             for failure in dead:
                 FAILED.labels(self.group, failure.reason).inc()
             await self._check_cap()
+        applied_at = time.time()
+        failed = {id(f.record) for f in dead}
+        age_at_apply = AGE_AT_APPLY.labels(self.group)
         for record, delivery in flowing:
-            if not any(f.record is record for f in dead):
-                EVENT_AGE.labels(self.group, str(record.partition)).set(
-                    time.time() - delivery.envelope.occurred_at.timestamp())
+            if id(record) not in failed:
+                age = applied_at - delivery.envelope.occurred_at.timestamp()
+                EVENT_AGE.labels(self.group, str(record.partition)).set(age)
+                if not delivery.replay:  # a rebuild's age says nothing about freshness
+                    age_at_apply.observe(max(age, 0.0))
 
     async def _apply(self, items: list[tuple[Record, Delivery]]) -> list[Failure]:
         """Apply the batch; on a lasting failure split it to find the culprits.

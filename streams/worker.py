@@ -14,16 +14,22 @@ import logging
 import os
 import signal
 import time
+from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import faust
-from prometheus_client import Gauge, generate_latest
+from prometheus_client import Gauge, Histogram, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from contract import APPLIED_NOTIFY_CHANNEL, applied_payloads
 from infra import logsafe
 from infra.settings import Settings, libpq_url
+from infra.telemetry import HOP_BUCKETS
 from projectors.catalogue import CATALOGUE
+from streams.consumer import ProjectorApp, fetch_max_wait_ms, ready_batches
 from streams.deadletters import DeadLetters, Record
 from streams.processor import Processor, RetryPolicy
 
@@ -34,6 +40,12 @@ LAG = Gauge("ringiflow_consumer_lag", "Records behind the partition's end",
 STALLED = Gauge("ringiflow_partition_stalled",
                 "1 when a partition has lag but has not advanced for stall_after_s",
                 ["group", "topic", "partition"])
+CONSUME_DELAY = Histogram("ringiflow_consume_delay_seconds",
+                          "Relay send (the record's timestamp) to this worker receiving it",
+                          ["group"], buckets=HOP_BUCKETS)
+APPLY_DELAY = Histogram("ringiflow_apply_delay_seconds",
+                        "Received by this worker to applied or dead-lettered", ["group"],
+                        buckets=HOP_BUCKETS)
 
 
 def record_of(event: Any) -> Record:
@@ -44,6 +56,30 @@ def record_of(event: Any) -> Record:
     return Record(message.topic, message.partition, message.offset, message.key,
                   message.value, tuple((k, v if isinstance(v, bytes) else str(v).encode())
                                        for k, v in headers))
+
+
+class RecentDelays:
+    """Apply delays of the last events (received -> applied), for `ringiflow lag`:
+    a recent p50/p99 where the /metrics histogram holds everything since start."""
+
+    def __init__(self, window_s: float = 300.0, keep: int = 20_000) -> None:
+        self.window_s = window_s
+        self.seen: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def extend(self, delays: Iterable[float]) -> None:
+        now = time.monotonic()
+        self.seen.extend((now, d) for d in delays)
+
+    def summary(self) -> dict[str, Any]:
+        since = time.monotonic() - self.window_s
+        recent = sorted(d for at, d in self.seen if at >= since)
+
+        def at(q: float) -> float | None:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))] * 1000, 2) \
+                if recent else None
+
+        return {"window_s": self.window_s, "events": len(recent), "p50_ms": at(.5),
+                "p99_ms": at(.99)}
 
 
 class Progress:
@@ -76,11 +112,30 @@ class Progress:
         return stalled
 
 
+async def announce(pool: AsyncConnectionPool, read_model: str, records: list[Record]) -> None:
+    """Wake the query API's waits these events satisfy; a lost wake-up only costs the
+    waiter's fallback poll, so a failure here is logged, never retried."""
+    applied = []
+    for r in records:
+        try:
+            applied.append((UUID(r.header("tenant_id") or ""),
+                            UUID(r.header("aggregate_id") or ""), int(r.header("version") or "")))
+        except ValueError:
+            continue
+    try:
+        async with pool.connection(timeout=1) as conn:
+            for payload in applied_payloads(read_model, applied):
+                await conn.execute("SELECT pg_notify(%s, %s)", (APPLIED_NOTIFY_CHANNEL, payload))
+    except Exception as exc:
+        log.warning("could not announce applied events (%s); waiters fall back to polling",
+                    exc)
+
+
 def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust.App:
     projection = CATALOGUE[group](settings)
     bootstrap = settings.require("kafka_bootstrap")
-    app = faust.App(
-        group,
+    app = ProjectorApp(
+        group, fetch_max_wait_ms=fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms),
         broker=[f"kafka://{host}" for host in bootstrap.split(",")],
         value_serializer="raw", key_serializer="raw", store="memory://",
         datadir=str(datadir), topic_disable_leader=True, topic_allow_declare=False,
@@ -105,6 +160,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                           RetryPolicy(attempts=settings.worker_retry_attempts),
                           parked_cap=settings.parked_aggregates_cap)
     progress = Progress(group, settings.stall_after_s)
+    consume_delay, apply_delay = CONSUME_DELAY.labels(group), APPLY_DELAY.labels(group)
+    delays = RecentDelays()
     state: dict[str, Any] = {"started": False, "stalled": []}
 
     async def open_stores() -> None:
@@ -119,9 +176,12 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
         # noack() on the stream itself: nothing is acknowledged implicitly, not on an
         # exception, not at shutdown, not by Faust's passive drainer.
         quiet = stream.noack()
-        async for events in quiet.noack_take(settings.worker_batch_size,
-                                             within=settings.worker_batch_wait_s):
+        async for batch in ready_batches(quiet, settings.worker_batch_size):
+            events = [event for event, _ in batch]
             records = [record_of(e) for e in events]
+            for event, received in batch:
+                if event.message.timestamp:
+                    consume_delay.observe(max(0.0, received - event.message.timestamp))
             try:
                 await processor.process(records)
             except Exception as exc:
@@ -134,6 +194,12 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                                  type(exc).__name__, exc, exc_info=exc)
                     app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
                 return
+            if projection.announces is not None:
+                await announce(pool, projection.announces, records)
+            done = time.time()
+            for _, received in batch:
+                apply_delay.observe(done - received)
+            delays.extend(done - received for _, received in batch)
             progress.advanced(records)
             for event in events:  # only now may Faust commit these offsets
                 await quiet.ack(event)
@@ -157,6 +223,10 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
         return web.json({"status": "ready" if ready else "not_ready", "component": group,
                          "stalled_partitions": state["stalled"]},
                         status=200 if ready else 503)
+
+    @app.page("/apply-delay")
+    async def apply_delay_page(web: Any, request: Any) -> Any:
+        return web.json({"group": group, **delays.summary()})
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract import AggregateType, ConsistencyToken
+from contract import (
+    NOTIFY_PAYLOAD_MAX,
+    AggregateType,
+    ConsistencyToken,
+    applied_payloads,
+    parse_applied,
+)
 from infra.edge import json_depth_exceeds
 from infra.problems import Problem
 from query_api.consistency import Waits
@@ -33,7 +39,7 @@ def test_shares_cap_per_user_then_per_tenant_and_give_back() -> None:
     assert shares.held == 0 and not shares.users and not shares.tenants
 
 
-async def test_a_notification_wakes_a_waiter_at_once() -> None:
+async def test_only_the_version_a_waiter_wants_wakes_it_and_at_once() -> None:
     waits = Waits(per_user=4, per_tenant=8)
     tenant, user, version = uuid4(), uuid4(), [0]
     reads = [0]
@@ -43,19 +49,43 @@ async def test_a_notification_wakes_a_waiter_at_once() -> None:
         return version[0]
 
     async def apply_later() -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
+        # Other aggregates, an older version, the same aggregate in another store or
+        # tenant: none of these is what the waiter waits for.
+        for _ in range(50):
+            waits.applied("postgres", str(tenant), uuid4(), 9)
+            waits.applied("postgres", str(tenant), TOKEN.aggregate_id, 2)
+            waits.applied("redis", str(tenant), TOKEN.aggregate_id, 3)
+            waits.applied("postgres", str(uuid4()), TOKEN.aggregate_id, 3)
+            await asyncio.sleep(0.002)
+        before = reads[0]
         version[0] = 3
-        waits.wake(str(tenant))
+        waits.applied("postgres", str(tenant), TOKEN.aggregate_id, 3)
+        return before
 
     started = time.monotonic()
     helper = asyncio.create_task(apply_later())
     # poll_s=30: without the notification the waiter would sleep far past 0.3 s
-    result = await waits.wait(tenant, user, TOKEN, applied, 5000, poll_s=30)
-    await helper
+    result = await waits.wait(tenant, user, TOKEN, applied, 5000, "workflow_list", poll_s=30)
+    unrelated_reads = await helper
     assert result.status == "reached"
     assert time.monotonic() - started < 1.0
-    assert reads[0] < 15, f"{reads[0]} reads: polling, not waiting for the wake-up"
-    assert not waits.wakeups  # nothing left behind
+    assert unrelated_reads < 10, f"{unrelated_reads} reads: woken by what it did not wait for"
+    assert reads[0] <= unrelated_reads + 1
+    assert not waits.waiting and not waits.redis_tenants  # nothing left behind
+
+
+def test_applied_notifications_fit_notify_and_keep_each_aggregates_newest_version() -> None:
+    tenant = uuid4()
+    many = [(tenant, uuid4(), n) for n in range(500)]
+    one = many[0][1]
+    payloads = applied_payloads("search", [*many, (tenant, one, 7), (tenant, one, 3)])
+    assert len(payloads) > 1 and all(len(p.encode()) <= NOTIFY_PAYLOAD_MAX for p in payloads)
+    parsed = [parse_applied(p) for p in payloads]
+    assert {store for store, _ in parsed} == {"search"}
+    seen = {(t, a): v for _, entries in parsed for t, a, v in entries}
+    assert len(seen) == 500 and seen[(tenant, one)] == 7
+    assert parse_applied("postgres;garbage,1:2:3")[1] == []
 
 
 async def test_the_deadline_holds_even_when_a_read_hangs() -> None:
@@ -66,7 +96,7 @@ async def test_the_deadline_holds_even_when_a_read_hangs() -> None:
         return 0
 
     started = time.monotonic()
-    result = await waits.wait(uuid4(), uuid4(), TOKEN, stuck, 1500)
+    result = await waits.wait(uuid4(), uuid4(), TOKEN, stuck, 1500, "workflow_list")
     assert result.status == "timeout"
     assert 1.4 < time.monotonic() - started < 2.0
 
@@ -78,12 +108,12 @@ async def test_too_many_waits_of_one_user_are_429() -> None:
     async def never(_token: ConsistencyToken) -> int:
         return 0
 
-    first = asyncio.create_task(waits.wait(tenant, user, TOKEN, never, 500))
+    first = asyncio.create_task(waits.wait(tenant, user, TOKEN, never, 500, "workflow_list"))
     await asyncio.sleep(0.05)
     with pytest.raises(Problem) as refused:
-        await waits.wait(tenant, user, TOKEN, never, 500)
+        await waits.wait(tenant, user, TOKEN, never, 500, "workflow_list")
     assert refused.value.status == 429 and "limit 1" in refused.value.detail
-    assert (await waits.wait(tenant, uuid4(), TOKEN, never, 0)).status == "timeout"
+    assert (await waits.wait(tenant, uuid4(), TOKEN, never, 0, "workflow_list")).status == "timeout"
     assert (await first).status == "timeout"
 
 
