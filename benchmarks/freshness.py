@@ -68,6 +68,8 @@ def system(settings: Settings) -> Iterator[dict[str, str]]:
     ports = {name: free_port() for name in ("command-api", "relay", "workers", "query-api")}
     env = app_env(settings, **{f"RINGIFLOW_{name.replace('-', '_').upper()}_PORT": str(port)
                                for name, port in ports.items()})
+    if settings.worker_fetch_max_wait_ms is not None:
+        env["RINGIFLOW_WORKER_FETCH_MAX_WAIT_MS"] = str(settings.worker_fetch_max_wait_ms)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     with ExitStack() as stack:
         for name in ports:
@@ -298,13 +300,17 @@ def main() -> None:
                         help="commands per second, comma-separated (default 50,500)")
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="how long each rate runs (default 4)")
+    parser.add_argument("--fetch-wait-ms", type=int, default=None,
+                        help="the workers' fetch wait (default: the workers' own default)")
     add_broker_flag(parser)
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     print(f"cores: {os.cpu_count()}; broker: {args.broker}; reads wait_ms={WAIT_MS}; "
           "client: one asyncio process (aiohttp)")
-    with embedded_stack(broker=args.broker) as settings, system(settings) as urls:
-        asyncio.run(measure(urls, settings, rates, args.seconds))
+    with embedded_stack(broker=args.broker) as stack:
+        settings = stack.model_copy(update={"worker_fetch_max_wait_ms": args.fetch_wait_ms})
+        with system(settings) as urls:
+            asyncio.run(measure(urls, settings, rates, args.seconds))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
 
     # Stream processors.
     worker_batch_size: int = Field(default=500, ge=1, le=50_000)
-    # How long a fetch may wait at the broker for data; None: 50 ms on Tansu (it holds
+    # How long a fetch may wait at the broker for data; None: 100 ms on Tansu (it holds
     # each fetch this long), 500 ms on Kafka (it answers when data arrives).
     worker_fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=10_000)
     worker_retry_attempts: int = Field(default=5, ge=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +48,27 @@ async def test_lag_is_zero_once_the_workers_caught_up(system: dict[str, str],
                       "audit-processor", "notification-processor"}
     assert all(p["lag"] == 0 for p in report["partitions"])
     assert report["outbox"]["pending"] == 0
+
+    # Each group's recent received -> applied delay, asked of the running workers.
+    workers_port = system["workers"].rsplit(":", 1)[1]
+    result = ringiflow(isolated, "lag", "--json", RINGIFLOW_WORKERS_PORT=workers_port)
+    delays = json.loads(result.stdout)["apply_delay"]
+    assert set(delays) == groups
+    for group in ("workflow-projector", "cache-projector", "search-indexer"):
+        assert delays[group]["events"] >= 1, delays
+        assert 0 <= delays[group]["p50_ms"] <= delays[group]["p99_ms"] < 60_000
+    text = ringiflow(isolated, "lag", RINGIFLOW_WORKERS_PORT=workers_port).stdout
+    assert "workflow-projector: lag 0, parked aggregates 0, applied in p50" in text
+    unknown = ringiflow(isolated, "lag", RINGIFLOW_WORKERS_PORT="1")
+    assert "apply delays: unknown" in unknown.stdout
+
+    # The per-hop histograms behind those figures, at the workers' /metrics.
+    async with httpx.AsyncClient(timeout=10) as client:
+        metrics = (await client.get(system["workers"] + "/metrics")).text
+    for hop in ("consume_delay", "apply_delay", "event_age_at_apply"):
+        counted = re.search(rf'^ringiflow_{hop}_seconds_count{{group="workflow-projector"}} '
+                            r'([0-9.]+)$', metrics, re.M)
+        assert counted and float(counted.group(1)) >= 1, hop
 
 
 def test_lag_exits_non_zero_when_a_threshold_is_crossed(settings: Settings) -> None:
