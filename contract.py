@@ -280,7 +280,9 @@ def encode_envelope(envelope: EventEnvelope) -> bytes:
     return envelope.model_dump_json().encode()
 
 
-def record_headers(envelope: EventEnvelope) -> tuple[tuple[str, bytes], ...]:
+def record_headers(envelope: EventEnvelope,
+                   span_id: str | None = None) -> tuple[tuple[str, bytes], ...]:
+    """`span_id`: the span that appended the event (traced), else one derived from it."""
     meta = envelope.metadata
     headers = {
         "event_id": str(envelope.event_id),
@@ -298,7 +300,7 @@ def record_headers(envelope: EventEnvelope) -> tuple[tuple[str, bytes], ...]:
     if meta.trace_id:
         # The span id is derived from the event id, so every re-publish of one
         # event carries the same parent span.
-        headers["traceparent"] = traceparent(meta.trace_id, envelope.event_id.hex[:16])
+        headers["traceparent"] = traceparent(meta.trace_id, span_id or envelope.event_id.hex[:16])
     return tuple((k, v.encode()) for k, v in headers.items())
 
 

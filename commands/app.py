@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from commands import domain, openapi, schemas, store
 from commands.service import BuildCommand, CommandContext, Outcome, execute
 from contract import new_trace_id, parse_traceparent
-from infra import problems
+from infra import problems, tracing
 from infra.auth import Authenticator, Principal, authenticator
 from infra.clients import readiness_checks
 from infra.edge import RequestGuard
@@ -42,7 +42,9 @@ def command_context(request: Request, principal: Principal, body: schemas.Comman
         raise Problem(422, "invalid_header", "Invalid X-Correlation-ID",
                       f"X-Correlation-ID {correlation!r} is not a UUID") from None
     trace_id = new_trace_id()
-    if traceparent := request.headers.get("traceparent"):
+    if (span := tracing.current_span_context()) is not None:
+        trace_id = f"{span.trace_id:032x}"  # the request span continued any traceparent
+    elif traceparent := request.headers.get("traceparent"):
         try:
             trace_id, _ = parse_traceparent(traceparent)
         except ValueError:

@@ -19,6 +19,7 @@ from contract import (
     EventMetadata,
     utcnow,
 )
+from infra import tracing
 from infra.auth import Principal
 from infra.problems import Problem
 
@@ -115,7 +116,12 @@ async def execute(
             idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
                            "status_code": created_status, "response": result}
         try:
-            await store.append(conn, tenant, envelopes, idempotency)
+            with tracing.tracer.start_as_current_span(
+                    f"append {aggregate_type}", attributes={
+                        "ringiflow.aggregate_id": str(aggregate_id),
+                        "ringiflow.version": envelopes[-1].version,
+                        "ringiflow.event_types": [e.event_type for e in envelopes]}):
+                await store.append(conn, tenant, envelopes, idempotency)
         except store.VersionConflict:
             current = await store.current_version(conn, tenant, aggregate_id)
             raise _conflict(aggregate_type, aggregate_id, current,

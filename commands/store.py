@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from commands.domain import AggregateState, DomainEvent, fold, initial_state
 from contract import EventEnvelope, events_topic_name, record_headers
+from infra import tracing
 
 set_json_dumps(orjson.dumps)
 set_json_loads(orjson.loads)
@@ -70,9 +71,12 @@ async def append(conn: AsyncConnection, tenant_id: UUID, envelopes: list[EventEn
                  idempotency: dict[str, Any] | None = None) -> int:
     """Append events with their outbox rows (and the idempotency record) atomically;
     return the last event's global position."""
+    # The append span's context goes with each outbox row: the relay continues it.
+    span = tracing.current_span_context()
+    span_id = f"{span.span_id:016x}" if span is not None else None
     items = [{"envelope": envelope.model_dump(mode="json"),
               "topic": events_topic_name(envelope.aggregate_type),
-              "headers": {k: v.decode() for k, v in record_headers(envelope)}}
+              "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
              for envelope in envelopes]
     try:
         cur = await conn.execute("SELECT event_store.append_events(%s, %s, %s)",

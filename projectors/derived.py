@@ -13,9 +13,12 @@ from uuid import NAMESPACE_URL, uuid5
 
 import orjson
 from confluent_kafka import KafkaException
+from opentelemetry.trace import Status, StatusCode
 
 from contract import AUDIT_EVENTS, NOTIFICATION_COMMANDS
+from infra import tracing
 from infra.kafka import producer
+from infra.tracing import SpanKind
 from projectors.projection import Delivery, Retryable, Unavailable
 
 Derived = tuple[str, bytes, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
@@ -88,10 +91,20 @@ class DerivedTopicStore:
 
     async def apply(self, batch: Sequence[Delivery]) -> None:
         errors: list[Any] = []
+        spans = []
         for delivery in batch:
             if delivery.replay and self.quiet_on_replay:
                 continue
             for topic, key, value, hdrs in self.derive(delivery):
+                if tracing.enabled():  # the derived record carries the trace on
+                    span = tracing.tracer.start_span(
+                        f"send {topic}", kind=SpanKind.PRODUCER,
+                        attributes=tracing.kafka_attributes(
+                            topic, "send", **{"messaging.kafka.message.key": key.decode(),
+                                              "ringiflow.caused_by": str(
+                                                  delivery.envelope.event_id)}))
+                    spans.append(span)
+                    hdrs = tracing.with_traceparent(hdrs, span.get_span_context())
                 try:
                     self.producer.produce(topic, value, key, headers=hdrs, on_delivery=lambda
                                           err, _m: errors.append(err) if err else None)
@@ -100,5 +113,10 @@ class DerivedTopicStore:
                     raise Retryable("producer queue full") from None
                 except KafkaException as exc:
                     raise Retryable(f"produce failed: {exc}") from exc
-        if self.producer.flush(30) or errors:
+        unsent = self.producer.flush(30)
+        for span in spans:
+            if unsent or errors:
+                span.set_status(Status(StatusCode.ERROR, "not acknowledged"))
+            span.end()
+        if unsent or errors:
             raise Unavailable(f"derived records not acknowledged: {errors[:3]}")

@@ -10,13 +10,18 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import psycopg
+from opentelemetry import trace
+from opentelemetry.trace import Link
 from prometheus_client import Histogram
 
 from contract import APPLIED_NOTIFY_CHANNEL, ConsistencyToken, parse_applied
+from infra import tracing
 from infra.problems import Problem
 from infra.telemetry import HOP_BUCKETS
 from query_api.live import Refused, Shares
@@ -75,6 +80,8 @@ class Waits:
         # (tenant) -> called once when its first detail wait arrives / last one leaves
         self.on_first: Callable[[str], Awaitable[None]] | None = None
         self.on_last: Callable[[str], Awaitable[None]] | None = None
+        # (tenant, token) -> the trace id that wrote the token's version (traced only)
+        self.trace_of: Callable[[UUID, ConsistencyToken], Awaitable[str | None]] | None = None
 
     def applied(self, store: str, tenant: str, aggregate: UUID, version: int) -> None:
         for event, wanted in self.waiting.get((store, tenant, aggregate), {}).items():
@@ -95,15 +102,32 @@ class Waits:
         if token is None:
             return Consistency("none", 0)
         try:
-            with self.shares.hold(tenant, user):
+            with self.shares.hold(tenant, user), await self._span(tenant, token, read_model) \
+                    as span:
                 started = time.monotonic()
                 answer = await self._wait(SOURCES[read_model], str(tenant), token, applied,
                                           wait_ms, poll_s)
                 WAITED.labels(read_model, answer.status).observe(time.monotonic() - started)
+                span.set_attribute("ringiflow.consistency", answer.status)
+                span.set_attribute("ringiflow.waited_ms", answer.waited_ms)
                 return answer
         except Refused as exc:
             raise Problem(429, "too_many_waits", "Too many consistency waits", str(exc),
                           headers={"Retry-After": "1"}) from None
+
+    async def _span(self, tenant: UUID, token: ConsistencyToken,
+                    read_model: str) -> AbstractContextManager[Any]:
+        """`consistency wait <read model>`, linked to the trace of the command that
+        wrote the version it waits for (the query is in the reader's own trace)."""
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        written = await self.trace_of(tenant, token) if self.trace_of else None
+        link = tracing.remote_trace(written) if written else None
+        return tracing.tracer.start_as_current_span(
+            f"consistency wait {read_model}", links=[Link(link)] if link else None,
+            attributes={"ringiflow.read_model": read_model,
+                        "ringiflow.aggregate_id": str(token.aggregate_id),
+                        "ringiflow.version": token.version})
 
     async def _wait(self, store: str, tenant: str, token: ConsistencyToken,
                     applied: Callable[[ConsistencyToken], Awaitable[int]], wait_ms: int,

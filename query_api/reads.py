@@ -96,6 +96,13 @@ class Reads:
 
     # --- event store reads ---------------------------------------------------------
 
+    async def trace_of(self, tenant: UUID, token: ConsistencyToken) -> str | None:
+        """The trace id of the command that wrote the token's version."""
+        rows = await self._fetch(tenant, "SELECT metadata->>'trace_id' AS t FROM "
+                                 "event_store.events WHERE tenant_id = %s AND aggregate_id = %s "
+                                 "AND version = %s", (tenant, token.aggregate_id, token.version))
+        return rows[0]["t"] if rows else None
+
     async def snapshot(self, tenant: UUID, workflow_id: UUID,
                        as_of: datetime | None = None) -> dict[str, Any] | None:
         query = ("SELECT aggregate FROM event_store.events WHERE aggregate_id = %s "

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from opentelemetry.trace import Span, Status, StatusCode
 
+from infra import tracing
 from infra.kafka import producer_config
+from infra.tracing import SpanKind
 
 # Errors that retrying the same bytes cannot fix; after max attempts the row is
 # marked failed. Everything else (timeouts, broker down, leader moves) is
@@ -54,6 +57,27 @@ class Outcome:
     fatal: str | None = None  # the producer is unusable and must be replaced
 
 
+def send_span(row: Row) -> Span:
+    """`send <topic>`, continuing the context the command stored with the row."""
+    header = dict(row.headers).get("traceparent")
+    return tracing.tracer.start_span(
+        f"send {row.topic}", context=tracing.context_from(header.decode() if header else None),
+        kind=SpanKind.PRODUCER, attributes=tracing.kafka_attributes(
+            row.topic, "send", **{"messaging.kafka.message.key": str(row.aggregate_id),
+                                  "messaging.message.id": (dict(row.headers).get("event_id")
+                                                           or b"").decode(),
+                                  "ringiflow.version": row.version}))
+
+
+def ended(span: Span, err: KafkaError | None, msg: Message | None) -> None:
+    if err is not None:
+        span.set_status(Status(StatusCode.ERROR, f"{err.name()}: {err.str()}"))
+    elif msg is not None:
+        span.set_attribute("messaging.destination.partition.id", str(msg.partition()))
+        span.set_attribute("messaging.kafka.offset", msg.offset())
+    span.end()
+
+
 class Publisher:
     def __init__(self, bootstrap: str, message_timeout_ms: int) -> None:
         self.producer = Producer(producer_config(
@@ -72,8 +96,11 @@ class Publisher:
         even be queued, so no later version overtakes it."""
         outcome = Outcome()
         stopped: set[tuple[UUID, UUID]] = set()
+        spans: dict[int, Span] = {}
 
         def delivered(row_id: int, err: KafkaError | None, msg: Message) -> None:
+            if (span := spans.pop(row_id, None)) is not None:
+                ended(span, err, msg)
             if err is None:
                 outcome.acked_at[row_id] = time.time()
                 outcome.offsets[row_id] = (msg.partition(), msg.offset())
@@ -87,17 +114,23 @@ class Publisher:
         for row in rows:
             if row.stream in stopped:
                 continue
+            headers = row.headers
+            if tracing.enabled():
+                spans[row.id] = span = send_span(row)
+                headers = tracing.with_traceparent(headers, span.get_span_context())
             while True:
                 try:
                     self.producer.produce(
                         row.topic, value=row.value, key=str(row.aggregate_id).encode(),
-                        headers=row.headers,
+                        headers=headers,
                         on_delivery=lambda err, msg, rid=row.id: delivered(rid, err, msg))
                     break
                 except BufferError:  # local queue full: let deliveries drain it
                     self.producer.poll(0.05)
                 except KafkaException as exc:
                     error = exc.args[0]
+                    if (span := spans.pop(row.id, None)) is not None:
+                        ended(span, error, None)
                     outcome.errors[row.id] = (f"{error.name()}: {error.str()}",
                                               error.code() in PERMANENT)
                     stopped.add(row.stream)
@@ -112,6 +145,9 @@ class Publisher:
             # e.g. the broker lost the idempotent producer's state (it restarted
             # empty): librdkafka refuses to go on rather than risk reordering.
             outcome.fatal = exc.args[0].str()
+        for span in spans.values():  # no delivery report came: not known to be sent
+            span.set_status(Status(StatusCode.ERROR, "no delivery report"))
+            span.end()
         return outcome
 
     def _error(self, error: KafkaError) -> None:

@@ -47,12 +47,14 @@ COMPONENTS: dict[str, Component] = {
 def run_component(name: str, settings: Settings) -> None:
     import uvicorn
 
-    from infra import logsafe
+    from infra import logsafe, tracing
 
     logsafe.install()
+    tracing.setup(name)
     component = COMPONENTS[name]
     module, function = component.factory.split(":")
     app = getattr(importlib.import_module(module), function)(settings)
+    tracing.instrument_app(app)
     host, port = component.address(settings)
     # uvicorn's own handlers redact too: it logs each WebSocket's path, `?token=` and all.
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from contract import CONSUMER_GROUPS, dlq_topic
+from infra import tracing
 from infra.kafka import read_from_start
 from infra.settings import ConfigError, Settings, libpq_url
 
@@ -146,7 +147,11 @@ def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID) -> dict
         return {"aggregate_id": str(aggregate), "applied": result.applied,
                 "released": result.released, "error": result.error}
 
-    outcome = asyncio.run(run())
+    tracing.setup("cli")  # a traced re-drive continues each event's trace
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        tracing.flush()
     record_action(settings, "dlq.retry", group, aggregate,
                   "released" if outcome["released"] else "still_parked", details=outcome)
     return outcome

@@ -22,7 +22,9 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from contract import dlq_topic
+from infra import tracing
 from infra.kafka import producer
+from infra.tracing import SpanKind
 from projectors.projection import Store
 
 log = logging.getLogger("ringiflow.dlq")
@@ -230,13 +232,23 @@ async def redrive(dead_letters: DeadLetters, store: Store, tenant_id: UUID, aggr
         key = str(aggregate_id).encode()
         numbers = sorted(await partitions_of(bootstrap, dead_letters.topic))
         partition = DefaultPartitioner()(key, numbers, numbers)  # where the key's records are
-        envelopes = [decode_envelope(m.value)
-                     for m in await read_from_start(bootstrap, dead_letters.topic, [partition])
-                     if m.key == key and _header(m, "tenant_id") == str(tenant_id)]
-        envelopes = [e for e in envelopes if e.version >= first_version]
-        for envelope in sorted(envelopes, key=lambda e: e.version):
+        letters = [(decode_envelope(m.value), _header(m, "traceparent"))
+                   for m in await read_from_start(bootstrap, dead_letters.topic, [partition])
+                   if m.key == key and _header(m, "tenant_id") == str(tenant_id)]
+        letters = [(e, parent) for e, parent in letters if e.version >= first_version]
+        for envelope, parent in sorted(letters, key=lambda letter: letter[0].version):
             try:
-                await store.apply([Delivery(envelope)])
+                # The dead letter kept the send span's traceparent: the re-drive
+                # continues the trace of the command that wrote the event.
+                with tracing.tracer.start_as_current_span(
+                        f"process {dead_letters.topic}", kind=SpanKind.CONSUMER,
+                        context=tracing.context_from(parent), links=tracing.links_to([parent]),
+                        attributes=tracing.kafka_attributes(
+                            dead_letters.topic, "process", **{
+                                "messaging.consumer.group.name": dead_letters.group,
+                                "messaging.kafka.message.key": str(aggregate_id),
+                                "ringiflow.redrive": True, "ringiflow.version": envelope.version})):
+                    await store.apply([Delivery(envelope)])
             except Exception as exc:  # still failing: stays parked, with the new reason
                 async with dead_letters.pool.connection() as conn:
                     await conn.execute(

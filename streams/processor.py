@@ -22,6 +22,7 @@ from uuid import UUID
 from prometheus_client import Counter, Gauge, Histogram
 
 import contract
+from infra import tracing
 from infra.telemetry import HOP_BUCKETS
 from projectors.projection import Delivery, NonRetryable, Projection, Retryable, Unavailable
 from streams.deadletters import DeadLetters, Failure, Record
@@ -141,7 +142,11 @@ class Processor:
         while True:
             attempt += 1
             try:
-                await self.projection.store.apply(batch)
+                with tracing.tracer.start_as_current_span(
+                        f"write {self.group}", attributes={
+                            "ringiflow.consumer_group": self.group, "ringiflow.attempt": attempt,
+                            "messaging.batch.message_count": len(batch)}):
+                    await self.projection.store.apply(batch)
                 return
             except Unavailable as exc:
                 if self.stop.is_set():

@@ -10,12 +10,14 @@ and a flag for a partition that has lag but stopped advancing."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,9 +27,10 @@ from prometheus_client import Gauge, Histogram, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from contract import APPLIED_NOTIFY_CHANNEL, applied_payloads
-from infra import logsafe
+from infra import logsafe, tracing
 from infra.settings import Settings, libpq_url
 from infra.telemetry import HOP_BUCKETS
+from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
 from streams.consumer import ProjectorApp, fetch_max_wait_ms, ready_batches
 from streams.deadletters import DeadLetters, Record
@@ -131,6 +134,27 @@ async def announce(pool: AsyncConnectionPool, read_model: str, records: list[Rec
                     exc)
 
 
+def process_span(group: str, records: list[Record]) -> AbstractContextManager[Any]:
+    """`process <topic>` for a batch: linked to the send span of every event in it,
+    and the child of that span when the batch holds one event (one connected trace)."""
+    if not tracing.enabled():
+        return contextlib.nullcontext()
+    topics = sorted({r.topic for r in records})
+    parents = [r.header("traceparent") for r in records]
+    extra: dict[str, Any] = {"messaging.consumer.group.name": group,
+                             "messaging.batch.message_count": len(records)}
+    if len(records) == 1:
+        r = records[0]
+        extra |= {"messaging.destination.partition.id": str(r.partition),
+                  "messaging.kafka.offset": r.offset,
+                  "messaging.kafka.message.key": (r.key or b"").decode(errors="replace")}
+    return tracing.tracer.start_as_current_span(
+        f"process {','.join(topics)}", kind=SpanKind.CONSUMER,
+        context=tracing.context_from(parents[0]) if len(records) == 1 else None,
+        links=tracing.links_to(parents),
+        attributes=tracing.kafka_attributes(",".join(topics), "process", **extra))
+
+
 def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust.App:
     projection = CATALOGUE[group](settings)
     bootstrap = settings.require("kafka_bootstrap")
@@ -183,7 +207,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                 if event.message.timestamp:
                     consume_delay.observe(max(0.0, received - event.message.timestamp))
             try:
-                await processor.process(records)
+                with process_span(group, records):
+                    await processor.process(records)
             except Exception as exc:
                 # Never let the agent raise: Faust would restart it and acknowledge past
                 # the unfinished batch (faust#606). Stop instead; the batch stays
@@ -249,4 +274,5 @@ def run_projector(group: str, settings: Settings, port: int) -> None:
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
                           redirect_stdouts=False, override_logging=False)
     logsafe.install()
+    tracing.setup(f"worker-{group}")
     worker.execute_from_commandline()
