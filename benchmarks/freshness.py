@@ -269,6 +269,7 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
         for rate in rates:
             base = await floor(bootstrap, rate, seconds,
                                fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms))
+            await client.run(rate, 2)  # warm at this rate: pools grown, caches full
             before = scrape(urls)
             results, failures = await client.run(rate, seconds)
             after = scrape(urls)
@@ -298,8 +299,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rates", default="50,500",
                         help="commands per second, comma-separated (default 50,500)")
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help="how long each rate runs (default 4)")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="how long each rate is measured, after 2 s of warm-up (default 6)")
     parser.add_argument("--fetch-wait-ms", type=int, default=None,
                         help="the workers' fetch wait (default: the workers' own default)")
     add_broker_flag(parser)
