@@ -252,8 +252,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         pool = AsyncConnectionPool(
-            libpq_url(settings.role_database_url("command")),
-            min_size=min(8, settings.command_db_pool_size),
+            libpq_url(settings.role_database_url("command")), min_size=2,
             max_size=settings.command_db_pool_size, open=False, timeout=10,
             kwargs={"autocommit": True, "prepare_threshold": 1},
         )

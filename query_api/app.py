@@ -63,8 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # Opened warm: a burst of waits should not queue behind new (scram) logins.
-        pool = AsyncConnectionPool(libpq_url(settings.role_database_url("query")), min_size=8,
+        pool = AsyncConnectionPool(libpq_url(settings.role_database_url("query")), min_size=2,
                                    max_size=20, open=False, kwargs={"prepare_threshold": 1})
         await pool.open(wait=False)
         redis = redis_client(settings.require("redis_url"))

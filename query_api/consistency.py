@@ -142,8 +142,7 @@ class Waits:
             self.redis_tenants[tenant] += 1
             if self.redis_tenants[tenant] == 1 and self.on_first is not None:
                 await self.on_first(tenant)
-        # Notifications name the version a wait needs; polling only covers a lost one.
-        sleep = 0.05
+        sleep = 0.01
         try:
             while True:
                 event.clear()  # a notification during the read below counts
