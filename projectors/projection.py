@@ -8,11 +8,17 @@ an older or repeated event is recognised and skipped, never re-applied."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from contract import EventEnvelope
+from contract import APPLIED_NOTIFY_CHANNEL, Applied, EventEnvelope, applied_payloads
+
+
+async def notify_applied(conn: Any, read_model: str, applied: Iterable[Applied]) -> None:
+    """NOTIFY what a batch made visible in `read_model`, so consistency waits wake."""
+    for payload in applied_payloads(read_model, applied):
+        await conn.execute("SELECT pg_notify(%s, %s)", (APPLIED_NOTIFY_CHANNEL, payload))
 
 
 class Retryable(Exception):

@@ -19,8 +19,13 @@ from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from contract import APPLIED_NOTIFY_CHANNEL, applied_payloads
-from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
+from projectors.projection import (
+    Delivery,
+    NonRetryable,
+    Retryable,
+    Unavailable,
+    notify_applied,
+)
 
 UPSERT_WORKFLOWS = """
 INSERT INTO read_model.workflow_read_models AS w (
@@ -185,11 +190,9 @@ class WorkflowStore:
                                        (str(tenant),))
                     await self._apply_tenant(conn, tenant, deliveries)
                 if self.schema == "read_model":  # delivered on commit, to waiting queries
-                    for payload in applied_payloads("postgres", (
-                            (d.envelope.tenant_id, d.envelope.aggregate_id, d.envelope.version)
-                            for d in batch)):
-                        await conn.execute("SELECT pg_notify(%s, %s)",
-                                           (APPLIED_NOTIFY_CHANNEL, payload))
+                    await notify_applied(conn, "postgres", (
+                        (d.envelope.tenant_id, d.envelope.aggregate_id, d.envelope.version)
+                        for d in batch))
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise Unavailable(f"PostgreSQL unreachable: {exc}") from exc
         except psycopg.Error as exc:

@@ -93,10 +93,11 @@ def create_app(settings: Settings) -> FastAPI:
                 await hub.unsubscribe([tenant_channel(tenant)], waker)
 
         waits.on_first, waits.on_last = watch, unwatch
-        waits.trace_of = Reads(pool).trace_of
+        reads_ = Reads(pool)
+        waits.trace_of = reads_.trace_of
         listener = asyncio.create_task(
             listen_applied(libpq_url(settings.role_database_url("query")), waits))
-        state.update(reads=Reads(pool), cache=DetailCache(redis), redis=redis, search=search,
+        state.update(reads=reads_, cache=DetailCache(redis), redis=redis, search=search,
                      hub=hub)
         try:
             yield

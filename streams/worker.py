@@ -26,12 +26,12 @@ import faust
 from prometheus_client import Gauge, Histogram, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from contract import APPLIED_NOTIFY_CHANNEL, applied_payloads
 from infra import logsafe, tracing
 from infra.settings import Settings, libpq_url
 from infra.telemetry import HOP_BUCKETS
 from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
+from projectors.projection import notify_applied
 from streams.consumer import ProjectorApp, fetch_max_wait_ms, ready_batches
 from streams.deadletters import DeadLetters, Record
 from streams.processor import Processor, RetryPolicy
@@ -127,8 +127,7 @@ async def announce(pool: AsyncConnectionPool, read_model: str, records: list[Rec
             continue
     try:
         async with pool.connection(timeout=1) as conn:
-            for payload in applied_payloads(read_model, applied):
-                await conn.execute("SELECT pg_notify(%s, %s)", (APPLIED_NOTIFY_CHANNEL, payload))
+            await notify_applied(conn, read_model, applied)
     except Exception as exc:
         log.warning("could not announce applied events (%s); waiters fall back to polling",
                     exc)
