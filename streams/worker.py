@@ -32,7 +32,8 @@ from infra.telemetry import HOP_BUCKETS
 from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
 from projectors.projection import notify_applied
-from streams.consumer import ProjectorApp, fetch_max_wait_ms, ready_batches
+from streams.batching import batches
+from streams.consumer import ProjectorApp, fetch_max_wait_ms
 from streams.deadletters import DeadLetters, Record
 from streams.processor import Processor, RetryPolicy
 
@@ -49,16 +50,15 @@ CONSUME_DELAY = Histogram("ringiflow_consume_delay_seconds",
 APPLY_DELAY = Histogram("ringiflow_apply_delay_seconds",
                         "Received by this worker to applied or dead-lettered", ["group"],
                         buckets=HOP_BUCKETS)
+BATCH_RECORDS = Histogram("ringiflow_batch_records", "Records per delivered fetch", ["group"],
+                          buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
 
 
-def record_of(event: Any) -> Record:
-    message = event.message
-    headers = message.headers or ()
-    if isinstance(headers, dict):
-        headers = headers.items()
+def record_of(message: Any) -> Record:
+    """An aiokafka ConsumerRecord as the processor's Record."""
     return Record(message.topic, message.partition, message.offset, message.key,
                   message.value, tuple((k, v if isinstance(v, bytes) else str(v).encode())
-                                       for k, v in headers))
+                                       for k, v in message.headers or ()))
 
 
 class RecentDelays:
@@ -184,6 +184,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                           parked_cap=settings.parked_aggregates_cap)
     progress = Progress(group, settings.stall_after_s)
     consume_delay, apply_delay = CONSUME_DELAY.labels(group), APPLY_DELAY.labels(group)
+    batch_records = BATCH_RECORDS.labels(group)
     delays = RecentDelays()
     state: dict[str, Any] = {"started": False, "stalled": []}
 
@@ -196,15 +197,15 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
     async def project(stream: faust.StreamT) -> None:
         if not state["started"]:
             await open_stores()
-        # noack() on the stream itself: nothing is acknowledged implicitly, not on an
-        # exception, not at shutdown, not by Faust's passive drainer.
-        quiet = stream.noack()
-        async for batch in ready_batches(quiet, settings.worker_batch_size):
-            events = [event for event, _ in batch]
-            records = [record_of(e) for e in events]
-            for event, received in batch:
-                if event.message.timestamp:
-                    consume_delay.observe(max(0.0, received - event.message.timestamp))
+        # Whole fetches, acknowledged only once applied or dead-lettered: nothing is
+        # acknowledged on an exception, at shutdown or by Faust's passive drainer.
+        async for batch in batches(stream):
+            records = [record_of(m) for m in batch.records]
+            batch_records.observe(len(records))
+            received = batch.received
+            for m in batch.records:
+                if m.timestamp:
+                    consume_delay.observe(max(0.0, received - m.timestamp / 1000))
             try:
                 with process_span(group, records):
                     await processor.process(records)
@@ -221,12 +222,10 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
             if projection.announces is not None:
                 await announce(pool, projection.announces, records)
             done = time.time()
-            for _, received in batch:
-                apply_delay.observe(done - received)
-            delays.extend(done - received for _, received in batch)
+            apply_delay.observe(done - received)
+            delays.extend([done - received] * len(records))
             progress.advanced(records)
-            for event in events:  # only now may Faust commit these offsets
-                await quiet.ack(event)
+            batch.ack()  # only now may Faust commit these offsets
 
     @app.timer(interval=5.0)
     async def watch() -> None:
