@@ -35,6 +35,7 @@ def main() -> None:
     datadir = tempfile.mkdtemp(prefix="ringiflow-noop-")
     app = ProjectorApp(
         f"noop-{uuid.uuid4().hex[:8]}", fetch_max_wait_ms=fetch_max_wait_ms(args.bootstrap, None),
+        deliver_batches=args.path == "batches",
         broker=[f"kafka://{h}" for h in args.bootstrap.split(",")], value_serializer="raw",
         key_serializer="raw", store="memory://", datadir=datadir, web_enabled=False,
         topic_disable_leader=True, topic_allow_declare=False,

@@ -22,8 +22,12 @@ not once per record:
   skips its head check when the committed offset is ``None`` or 0, and lets
   ``committed + 1`` through unacknowledged).
 
-Topics whose agent asked for batches (:func:`batches`) are delivered this way;
-every other topic takes Faust's own per-message path unchanged. The agent stays a
+Topics whose agent asked for batches (:func:`batches`) are delivered this way.
+In an app made with ``deliver_batches=True`` (:class:`streams.consumer.ProjectorApp`)
+every topic is: a fetch that arrives before its agent has registered (the agent
+may still be opening its stores) waits for it rather than falling to the
+per-message path, whose channel nobody would read. In any other app, topics no
+agent takes in batches go Faust's own per-message path unchanged. The agent stays a
 Faust agent: Faust starts, supervises and subscribes it; it iterates batches
 instead of events and acknowledges each batch once it is applied.
 """
@@ -120,6 +124,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._batch_queues: list[BatchQueue] = []
         self._queue_of_topic: dict[str, BatchQueue] = {}
         self._ledgers: dict[TP, Ledger] = {}
+        self._registered = asyncio.Event()  # set whenever an agent asks for batches
 
     # -- the agent's side -------------------------------------------------------------
 
@@ -135,6 +140,22 @@ class BatchConsumer(faust_aiokafka.Consumer):
         queue = BatchQueue(topics, self.queued_fetches)
         self._batch_queues.append(queue)
         self._queue_of_topic.update(dict.fromkeys(topics, queue))
+        self._registered.set()
+        return queue
+
+    @property
+    def delivers_batches_only(self) -> bool:
+        """Every topic goes to an agent's batch queue, registered or still to come."""
+        return bool(getattr(self.app, "deliver_batches", False))
+
+    async def _queue_for(self, topic: str) -> BatchQueue | None:
+        """The topic's queue, waiting for its agent to register; None if the flow
+        stopped (a rebalance, a shutdown) while waiting."""
+        while (queue := self._queue_of_topic.get(topic)) is None:
+            self._registered.clear()
+            await self.wait_first(self._registered.wait(), self.suspend_flow.wait())
+            if not self.flow_active or self.should_stop:
+                return None
         return queue
 
     def ack_batch(self, batch: Batch) -> None:
@@ -180,7 +201,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     # -- the drain --------------------------------------------------------------------
 
     async def _drain_messages(self, fetcher: Any) -> None:
-        if not self._batch_queues:  # no agent asked for batches
+        if not (self._batch_queues or self.delivers_batches_only):
             return await super()._drain_messages(fetcher)
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
@@ -216,6 +237,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if active is not None and tp not in active:
                 continue
             queue = self._queue_of_topic.get(tp.topic)
+            if queue is None and self.delivers_batches_only:
+                queue = await self._queue_for(tp.topic)
+                if queue is None:
+                    return  # the new assignment seeks to the committed offsets
             if queue is None:  # not a batch topic: Faust's own path, one by one
                 await self._deliver_each(tp, tp_records)
                 continue
@@ -261,14 +286,21 @@ class BatchConsumer(faust_aiokafka.Consumer):
                                   self.suspend_flow.wait())
             self._read_offset[tp] = offset
 
-async def batches(stream: StreamT) -> AsyncIterator[Batch]:
+def batches(stream: StreamT) -> AsyncIterator[Batch]:
     """The agent's batches: every fetch of its topics, whole. Acknowledge each with
-    :meth:`Batch.ack` once it is applied; nothing unacknowledged is ever committed."""
+    :meth:`Batch.ack` once it is applied; nothing unacknowledged is ever committed.
+
+    The topics are registered on the call, before the first iteration, so an agent
+    can ask for its batches first and then open its stores."""
     consumer = stream.app.consumer
     if not isinstance(consumer, BatchConsumer):
         raise TypeError("batches() needs an app whose consumer is a BatchConsumer "
                         "(see streams.consumer.ProjectorApp)")
     queue = consumer.batch_queue(stream.channel.topics)  # type: ignore[attr-defined]
+    return _iterate(stream, queue)
+
+
+async def _iterate(stream: StreamT, queue: BatchQueue) -> AsyncIterator[Batch]:
     get = queue.queue.get
     while not stream.should_stop:
         yield await get()

@@ -52,10 +52,15 @@ class _Transport(faust_aiokafka.Transport):
 
 class ProjectorApp(faust.App):
     """A Faust app whose consumer fetches with `fetch_max_wait_ms` and delivers whole
-    fetches to agents that iterate :func:`streams.batching.batches`."""
+    fetches to agents that iterate :func:`streams.batching.batches`.
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+    With `deliver_batches` (the default) every topic of the app must be read that
+    way: a fetch waits for its agent rather than take Faust's per-message path."""
+
+    def __init__(self, *args: Any, fetch_max_wait_ms: int, deliver_batches: bool = True,
+                 **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.deliver_batches = deliver_batches
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

@@ -195,11 +195,13 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
 
     @app.agent(topic, name=group, concurrency=1)
     async def project(stream: faust.StreamT) -> None:
-        if not state["started"]:
-            await open_stores()
         # Whole fetches, acknowledged only once applied or dead-lettered: nothing is
         # acknowledged on an exception, at shutdown or by Faust's passive drainer.
-        async for batch in batches(stream):
+        # Asked for before the stores open, which can take seconds (OpenSearch).
+        incoming = batches(stream)
+        if not state["started"]:
+            await open_stores()
+        async for batch in incoming:
             records = [record_of(m) for m in batch.records]
             batch_records.observe(len(records))
             received = batch.received

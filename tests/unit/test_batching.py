@@ -157,8 +157,30 @@ async def test_batches_needs_the_batch_consumer() -> None:
     app = faust.App("plain", broker="kafka://127.0.0.1:1")
     stream = app.stream(app.topic("t"))
     with pytest.raises(TypeError, match="BatchConsumer"):
-        await anext(aiter(batches(stream)))
+        batches(stream)
 
 
 async def test_batch_length_is_its_records(consumer: BatchConsumer) -> None:
     assert len(Batch(records(P0, range(3)), 0.0, [], consumer)) == 3
+
+
+async def test_a_fetch_before_its_agent_registers_waits_for_it(consumer: BatchConsumer) -> None:
+    # The agent opens its stores before it asks for batches; a fetch that arrives
+    # meanwhile must reach it, not Faust's per-message channel that nobody reads.
+    waiting = asyncio.ensure_future(consumer._deliver({P0: records(P0, range(0, 3))}, None, 0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    queue = consumer.batch_queue([TOPIC])
+    await asyncio.wait_for(waiting, 1)
+    assert [r.offset for r in queue.queue.get_nowait().records] == [0, 1, 2]
+
+
+async def test_a_fetch_waiting_for_its_agent_gives_way_to_a_rebalance(
+        consumer: BatchConsumer) -> None:
+    waiting = asyncio.ensure_future(consumer._deliver({P0: records(P0, range(0, 3))}, None, 0))
+    await asyncio.sleep(0.05)
+    consumer.stop_flow()
+    await asyncio.wait_for(waiting, 1)
+    consumer.resume_flow()
+    assert consumer.batch_queue([TOPIC]).queue.empty()
+    assert P0 not in committable(consumer, P0)  # nothing delivered, nothing to commit
