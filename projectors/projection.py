@@ -17,8 +17,10 @@ from contract import APPLIED_NOTIFY_CHANNEL, Applied, EventEnvelope, applied_pay
 
 async def notify_applied(conn: Any, read_model: str, applied: Iterable[Applied]) -> None:
     """NOTIFY what a batch made visible in `read_model`, so consistency waits wake."""
-    for payload in applied_payloads(read_model, applied):
-        await conn.execute("SELECT pg_notify(%s, %s)", (APPLIED_NOTIFY_CHANNEL, payload))
+    payloads = applied_payloads(read_model, applied)
+    if payloads:  # one round trip, however many chunks
+        await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                           (APPLIED_NOTIFY_CHANNEL, payloads))
 
 
 class Retryable(Exception):

@@ -30,6 +30,9 @@ from projectors.projection import Store
 log = logging.getLogger("ringiflow.dlq")
 T = TypeVar("T")
 
+# Up to this many parked aggregates of a group are read whole per batch.
+PARKED_READ_WHOLE = 200
+
 SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
@@ -64,7 +67,7 @@ class Record:
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
             if key == name:
-                return value.decode(errors="replace")
+                return None if value is None else value.decode(errors="replace")
         return None
 
 
@@ -130,6 +133,15 @@ class DeadLetters:
 
         async def read() -> dict[tuple[UUID, UUID], UUID]:
             async with self.pool.connection() as conn:
+                # Usually few or none are parked: read them all, rather than send the
+                # batch's streams (adapting ~1,000 UUIDs costs more than the query).
+                cur = await conn.execute(
+                    "SELECT tenant_id, aggregate_id, first_event_id "
+                    "FROM streams.parked_aggregates WHERE consumer_group = %s LIMIT %s",
+                    (self.group, PARKED_READ_WHOLE + 1))
+                rows = await cur.fetchall()
+                if len(rows) <= PARKED_READ_WHOLE:
+                    return {(t, a): event for t, a, event in rows if (t, a) in streams}
                 cur = await conn.execute(
                     "SELECT p.tenant_id, p.aggregate_id, p.first_event_id "
                     "FROM streams.parked_aggregates p "

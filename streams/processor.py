@@ -69,7 +69,8 @@ class Processor:
     def group(self) -> str:
         return self.projection.group
 
-    async def process(self, records: Sequence[Record]) -> None:
+    async def process(self, records: Sequence[Record]) -> list[Delivery]:
+        """Apply or dead-letter every record; the deliveries that were applied."""
         now = datetime.now(UTC)
         dead: list[Failure] = []
         deliveries: list[tuple[Record, Delivery]] = []
@@ -104,13 +105,17 @@ class Processor:
             await self._check_cap()
         applied_at = time.time()
         failed = {id(f.record) for f in dead}
+        applied = [(r, d) for r, d in flowing if id(r) not in failed]
         age_at_apply = AGE_AT_APPLY.labels(self.group)
-        for record, delivery in flowing:
-            if id(record) not in failed:
-                age = applied_at - delivery.envelope.occurred_at.timestamp()
-                EVENT_AGE.labels(self.group, str(record.partition)).set(age)
-                if not delivery.replay:  # a rebuild's age says nothing about freshness
-                    age_at_apply.observe(max(age, 0.0))
+        newest: dict[int, float] = {}  # partition -> age of its last applied event
+        for record, delivery in applied:
+            age = applied_at - delivery.envelope.occurred_at.timestamp()
+            newest[record.partition] = age
+            if not delivery.replay:  # a rebuild's age says nothing about freshness
+                age_at_apply.observe(max(age, 0.0))
+        for partition, age in newest.items():
+            EVENT_AGE.labels(self.group, str(partition)).set(age)
+        return [d for _, d in applied]
 
     async def _apply(self, items: list[tuple[Record, Delivery]]) -> list[Failure]:
         """Apply the batch; on a lasting failure split it to find the culprits.

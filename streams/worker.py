@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import faust
 from prometheus_client import Gauge, Histogram, generate_latest
@@ -31,7 +30,7 @@ from infra.settings import Settings, libpq_url
 from infra.telemetry import HOP_BUCKETS
 from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
-from projectors.projection import notify_applied
+from projectors.projection import Delivery, notify_applied
 from streams.batching import batches
 from streams.consumer import ProjectorApp, fetch_max_wait_ms
 from streams.deadletters import DeadLetters, Record
@@ -55,10 +54,10 @@ BATCH_RECORDS = Histogram("ringiflow_batch_records", "Records per delivered fetc
 
 
 def record_of(message: Any) -> Record:
-    """An aiokafka ConsumerRecord as the processor's Record."""
+    """An aiokafka ConsumerRecord as the processor's Record (its headers are already
+    (str, bytes) pairs)."""
     return Record(message.topic, message.partition, message.offset, message.key,
-                  message.value, tuple((k, v if isinstance(v, bytes) else str(v).encode())
-                                       for k, v in message.headers or ()))
+                  message.value, tuple(message.headers or ()))
 
 
 class RecentDelays:
@@ -115,16 +114,11 @@ class Progress:
         return stalled
 
 
-async def announce(pool: AsyncConnectionPool, read_model: str, records: list[Record]) -> None:
-    """Wake the query API's waits these events satisfy; a lost wake-up only costs the
-    waiter's fallback poll, so a failure here is logged, never retried."""
-    applied = []
-    for r in records:
-        try:
-            applied.append((UUID(r.header("tenant_id") or ""),
-                            UUID(r.header("aggregate_id") or ""), int(r.header("version") or "")))
-        except ValueError:
-            continue
+async def announce(pool: AsyncConnectionPool, read_model: str,
+                   deliveries: list[Delivery]) -> None:
+    """Wake the query API's waits these applied events satisfy; a lost wake-up only
+    costs the waiter's fallback poll, so a failure here is logged, never retried."""
+    applied = [(e.tenant_id, e.aggregate_id, e.version) for e in (d.envelope for d in deliveries)]
     try:
         async with pool.connection(timeout=1) as conn:
             await notify_applied(conn, read_model, applied)
@@ -210,7 +204,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                     consume_delay.observe(max(0.0, received - m.timestamp / 1000))
             try:
                 with process_span(group, records):
-                    await processor.process(records)
+                    applied = await processor.process(records)
             except Exception as exc:
                 # Never let the agent raise: Faust would restart it and acknowledge past
                 # the unfinished batch (faust#606). Stop instead; the batch stays
@@ -222,7 +216,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
                     app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
                 return
             if projection.announces is not None:
-                await announce(pool, projection.announces, records)
+                await announce(pool, projection.announces, applied)
             done = time.time()
             apply_delay.observe(done - received)
             delays.extend([done - received] * len(records))

@@ -222,3 +222,31 @@ async def test_notifications_are_suppressed_during_a_replay_unless_asked_for(
     new = after_loud[len(before):]
     assert len(new) == len(assigned)
     assert all(dict(r.headers)["ringiflow-replay"] == b"true" for r in new)
+
+
+@pytest.mark.parametrize("others", [0, 250], ids=["few parked", "many parked"])
+async def test_parked_lookup_finds_exactly_the_batch_streams_that_wait(
+    fresh_db: Settings, pool: AsyncConnectionPool, others: int,
+) -> None:
+    """A batch asks which of its streams are parked. With few parked aggregates the
+    group's are read whole; with more, only the batch's are looked up: both must find
+    the same streams, per tenant (the same aggregate id under another tenant flows)."""
+    from streams.deadletters import PARKED_READ_WHOLE
+
+    assert others == 0 or others > PARKED_READ_WHOLE
+    group = group_name()
+    tenant, other_tenant = uuid4(), uuid4()
+    parked_id, flowing_id = uuid4(), uuid4()
+    async with pool.connection() as conn:
+        for t, a in [(tenant, parked_id)] + [(uuid4(), uuid4()) for _ in range(others)]:
+            await conn.execute(
+                "INSERT INTO streams.parked_aggregates (consumer_group, aggregate_id, tenant_id,"
+                " aggregate_type, first_event_id, first_version, last_version, error_class,"
+                " error_message) VALUES (%s, %s, %s, 'workflow', %s, 2, 2, 'E', 'm')",
+                (group, a, t, uuid4() if a != parked_id else parked_id))
+    dead = DeadLetters(group, fresh_db.kafka_bootstrap or "", pool)
+    found = await dead.parked({(tenant, parked_id), (tenant, flowing_id),
+                               (other_tenant, parked_id)})
+    assert found == {(tenant, parked_id): parked_id}
+    assert await DeadLetters("another-group", fresh_db.kafka_bootstrap or "", pool).parked(
+        {(tenant, parked_id)}) == {}
