@@ -136,8 +136,9 @@ def faust_rate(settings: Settings, group: str, total: int) -> float:
         started = time.perf_counter()
         while (done := seen_by(metrics, group)) < total:
             # A scrape costs the worker a /metrics render on its own loop: poll the
-            # way a Prometheus would, not at a rate that takes a tenth of its CPU.
-            time.sleep(0.25)
+            # way a Prometheus would, not at a rate that takes a tenth of its CPU, and
+            # often only near the end, which is the instant timed.
+            time.sleep(0.25 if done < 0.9 * total else 0.005)
         return (done - first) / (time.perf_counter() - started)
     finally:
         worker.terminate()
@@ -198,6 +199,11 @@ async def baseline_rate(settings: Settings, group: str, batch: int) -> float:
             for messages in polled.values():
                 seen += len(messages)
                 for m in messages:
+                    # The worker's own filter: an event type the projection does not
+                    # handle (its header says) is skipped undecoded.
+                    named = dict(m.headers).get("event_type")
+                    if named is not None and not projection.handles(named.decode()):
+                        continue
                     envelope = contract.decode_envelope(m.value)
                     if projection.handles(envelope.event_type):
                         deliveries.append(Delivery(envelope))

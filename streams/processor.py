@@ -74,7 +74,15 @@ class Processor:
         now = datetime.now(UTC)
         dead: list[Failure] = []
         deliveries: list[tuple[Record, Delivery]] = []
+        skipped = 0
         for record in records:
+            # The event_type header says whether this projection wants the event at all:
+            # one it does not handle is skipped undecoded (a projection that does handle
+            # it dead-letters it if it is broken).
+            named = record.header("event_type")
+            if named is not None and not self.projection.handles(named):
+                skipped += 1
+                continue
             try:
                 envelope = contract.decode_envelope(record.value)
             except (contract.UndecodableRecord, contract.UnknownEventType,
@@ -82,10 +90,12 @@ class Processor:
                 dead.append(failure_from_headers(record, exc, now))
                 continue
             if not self.projection.handles(envelope.event_type):
-                SKIPPED.labels(self.group).inc()
+                skipped += 1
                 continue
             replay = record.header(REPLAY_HEADER) == "true"
             deliveries.append((record, Delivery(envelope, replay)))
+        if skipped:
+            SKIPPED.labels(self.group).inc(skipped)
         waiting = {f.stream for f in dead if f.stream}
         parked = await self.dead_letters.parked({stream_of(d) for _, d in deliveries})
         flowing: list[tuple[Record, Delivery]] = []

@@ -250,3 +250,30 @@ async def test_parked_lookup_finds_exactly_the_batch_streams_that_wait(
     assert found == {(tenant, parked_id): parked_id}
     assert await DeadLetters("another-group", fresh_db.kafka_bootstrap or "", pool).parked(
         {(tenant, parked_id)}) == {}
+
+
+async def test_events_a_projection_does_not_handle_are_skipped_by_their_header(
+    fresh_db: Settings, pool: AsyncConnectionPool,
+) -> None:
+    """The event_type header decides before decoding: an event type the projection does
+    not handle is skipped even when its body is broken (a projection that handles it
+    dead-letters it), while a broken record of a handled type is dead-lettered here."""
+    from contract import dlq_topic
+    from infra.kafka import ensure_topics
+
+    group, bootstrap = group_name(), fresh_db.kafka_bootstrap or ""
+    ensure_topics(bootstrap, (dlq_topic(group),))
+    store = WorkflowStore(libpq_url(fresh_db.role_database_url("projector")))
+    await store.start()
+    processor = Processor(Projection(group, (), frozenset({"UserRegistered"}), store),
+                          DeadLetters(group, bootstrap, pool))
+    topic = contract.USER_EVENTS.name
+    unwanted = Record(topic, 0, 88, b"k", b"\x00 broken", (("event_type", b"UserRenamed"),))
+    wanted = Record(topic, 0, 89, b"k", b"\x00 broken", (("event_type", b"UserRegistered"),))
+    try:
+        assert await processor.process([unwanted, wanted]) == []
+    finally:
+        await store.close()
+    offsets = [dict(m.headers)["dlq.original.offset"]
+               for m in await read_raw(bootstrap, f"{group}.dlq")]
+    assert offsets == [b"89"]
