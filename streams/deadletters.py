@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -53,9 +53,35 @@ async def until_reachable(what: str, work: Callable[[], Awaitable[T]],
             delay = min(max_delay_s, delay * 2)
 
 
+class AnyRecord(Protocol):
+    """A consumed Kafka record, whatever library consumed it: aiokafka's ConsumerRecord
+    as the worker receives it (not copied), or a :class:`Record`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
+
+
+def header(record: AnyRecord, name: str) -> str | None:
+    """The first header of that name, decoded; None when absent or null."""
+    for key, value in record.headers:
+        if key == name:
+            return None if value is None else value.decode(errors="replace")
+    return None
+
+
 @dataclass(frozen=True)
 class Record:
-    """A consumed Kafka record, whatever library consumed it."""
+    """A record made by hand (a re-drive, a test), in the shape consumers deliver."""
 
     topic: str
     partition: int
@@ -65,15 +91,12 @@ class Record:
     headers: tuple[tuple[str, bytes], ...]
 
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return None if value is None else value.decode(errors="replace")
-        return None
+        return header(self, name)
 
 
 @dataclass(frozen=True)
 class Failure:
-    record: Record
+    record: AnyRecord
     error: BaseException
     attempts: int
     first_failure: datetime

@@ -23,9 +23,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import contract
 from infra import tracing
-from infra.telemetry import HOP_BUCKETS
+from infra.telemetry import HOP_BUCKETS, observe_many
 from projectors.projection import Delivery, NonRetryable, Projection, Retryable, Unavailable
-from streams.deadletters import DeadLetters, Failure, Record
+from streams.deadletters import AnyRecord, DeadLetters, Failure, header
 
 log = logging.getLogger("ringiflow.streams")
 
@@ -69,18 +69,24 @@ class Processor:
     def group(self) -> str:
         return self.projection.group
 
-    async def process(self, records: Sequence[Record]) -> list[Delivery]:
+    async def process(self, records: Sequence[AnyRecord]) -> list[Delivery]:
         """Apply or dead-letter every record; the deliveries that were applied."""
         now = datetime.now(UTC)
         dead: list[Failure] = []
-        deliveries: list[tuple[Record, Delivery]] = []
+        deliveries: list[tuple[AnyRecord, Delivery]] = []
         skipped = 0
+        handles = self.projection.handles
         for record in records:
+            named, replay = None, False
+            for key, value in record.headers:
+                if key == "event_type":
+                    named = value
+                elif key == REPLAY_HEADER:
+                    replay = value == b"true"
             # The event_type header says whether this projection wants the event at all:
             # one it does not handle is skipped undecoded (a projection that does handle
             # it dead-letters it if it is broken).
-            named = record.header("event_type")
-            if named is not None and not self.projection.handles(named):
+            if named is not None and not handles(named.decode(errors="replace")):
                 skipped += 1
                 continue
             try:
@@ -89,16 +95,15 @@ class Processor:
                     contract.UnsupportedSchemaVersion) as exc:
                 dead.append(failure_from_headers(record, exc, now))
                 continue
-            if not self.projection.handles(envelope.event_type):
+            if not handles(envelope.event_type):
                 skipped += 1
                 continue
-            replay = record.header(REPLAY_HEADER) == "true"
             deliveries.append((record, Delivery(envelope, replay)))
         if skipped:
             SKIPPED.labels(self.group).inc(skipped)
         waiting = {f.stream for f in dead if f.stream}
         parked = await self.dead_letters.parked({stream_of(d) for _, d in deliveries})
-        flowing: list[tuple[Record, Delivery]] = []
+        flowing: list[tuple[AnyRecord, Delivery]] = []
         for record, delivery in deliveries:
             stream = stream_of(delivery)
             behind = parked.get(stream) or next(
@@ -116,18 +121,19 @@ class Processor:
         applied_at = time.time()
         failed = {id(f.record) for f in dead}
         applied = [(r, d) for r, d in flowing if id(r) not in failed]
-        age_at_apply = AGE_AT_APPLY.labels(self.group)
         newest: dict[int, float] = {}  # partition -> age of its last applied event
+        ages = []
         for record, delivery in applied:
             age = applied_at - delivery.envelope.occurred_at.timestamp()
             newest[record.partition] = age
             if not delivery.replay:  # a rebuild's age says nothing about freshness
-                age_at_apply.observe(max(age, 0.0))
+                ages.append(max(age, 0.0))
+        observe_many(AGE_AT_APPLY.labels(self.group), ages)
         for partition, age in newest.items():
             EVENT_AGE.labels(self.group, str(partition)).set(age)
         return [d for _, d in applied]
 
-    async def _apply(self, items: list[tuple[Record, Delivery]]) -> list[Failure]:
+    async def _apply(self, items: list[tuple[AnyRecord, Delivery]]) -> list[Failure]:
         """Apply the batch; on a lasting failure split it to find the culprits.
         Events after a failed one of the same aggregate are parked behind it."""
         if not items:
@@ -195,14 +201,14 @@ def stream_of(delivery: Delivery) -> tuple[UUID, UUID]:
     return delivery.envelope.tenant_id, delivery.envelope.aggregate_id
 
 
-def failure_of(record: Record, delivery: Delivery, error: BaseException, attempts: int,
+def failure_of(record: AnyRecord, delivery: Delivery, error: BaseException, attempts: int,
                first: datetime) -> Failure:
     e = delivery.envelope
     return Failure(record, error, attempts, first, datetime.now(UTC), e.aggregate_id,
                    e.tenant_id, e.aggregate_type.value, e.version, e.event_id)
 
 
-def parked_failure(record: Record, delivery: Delivery, behind: UUID | None,
+def parked_failure(record: AnyRecord, delivery: Delivery, behind: UUID | None,
                    now: datetime) -> Failure:
     e = delivery.envelope
     error = NonRetryable(f"parked behind dead letter {behind} of aggregate {e.aggregate_id}")
@@ -211,21 +217,21 @@ def parked_failure(record: Record, delivery: Delivery, behind: UUID | None,
                    parked_behind=behind or e.event_id)
 
 
-def failure_from_headers(record: Record, error: BaseException, now: datetime) -> Failure:
+def failure_from_headers(record: AnyRecord, error: BaseException, now: datetime) -> Failure:
     """An event the consumer cannot read still names its aggregate in the headers,
     so its successors can be parked behind it."""
     def uuid_header(name: str) -> UUID | None:
         try:
-            value = record.header(name)
+            value = header(record, name)
             return UUID(value) if value else None
         except ValueError:
             return None
 
-    version = record.header("version")
+    version = header(record, "version")
     aggregate, tenant, event = (uuid_header("aggregate_id"), uuid_header("tenant_id"),
                                 uuid_header("event_id"))
     if not (aggregate and tenant and event):
         aggregate = None  # nothing to park behind: only this record goes to the DLQ
     return Failure(record, error, 1, now, now, aggregate, tenant,
-                   record.header("aggregate_type"),
+                   header(record, "aggregate_type"),
                    int(version) if version and version.isdigit() else None, event)

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from infra import logsafe, tracing
 from infra.settings import Settings, libpq_url
-from infra.telemetry import HOP_BUCKETS
+from infra.telemetry import HOP_BUCKETS, observe_many
 from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery, notify_applied
 from streams.batching import batches
 from streams.consumer import ProjectorApp, fetch_max_wait_ms
-from streams.deadletters import DeadLetters, Record
+from streams.deadletters import AnyRecord, DeadLetters, header
 from streams.processor import Processor, RetryPolicy
 
 log = logging.getLogger("ringiflow.worker")
@@ -51,13 +51,6 @@ APPLY_DELAY = Histogram("ringiflow_apply_delay_seconds",
                         buckets=HOP_BUCKETS)
 BATCH_RECORDS = Histogram("ringiflow_batch_records", "Records per delivered fetch", ["group"],
                           buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
-
-
-def record_of(message: Any) -> Record:
-    """An aiokafka ConsumerRecord as the processor's Record (its headers are already
-    (str, bytes) pairs)."""
-    return Record(message.topic, message.partition, message.offset, message.key,
-                  message.value, tuple(message.headers or ()))
 
 
 class RecentDelays:
@@ -92,11 +85,12 @@ class Progress:
         self.next_offset: dict[tuple[str, int], int] = {}
         self.moved_at: dict[tuple[str, int], float] = {}
 
-    def advanced(self, records: list[Record]) -> None:
+    def advanced(self, records: Sequence[AnyRecord]) -> None:
         now = time.monotonic()
-        for r in records:
-            self.next_offset[(r.topic, r.partition)] = r.offset + 1
-            self.moved_at[(r.topic, r.partition)] = now
+        last = {(r.topic, r.partition): r.offset for r in records}  # delivered in order
+        for where, offset in last.items():
+            self.next_offset[where] = offset + 1
+            self.moved_at[where] = now
 
     def report(self, highwaters: dict[tuple[str, int], int]) -> list[str]:
         stalled = []
@@ -127,13 +121,13 @@ async def announce(pool: AsyncConnectionPool, read_model: str,
                     exc)
 
 
-def process_span(group: str, records: list[Record]) -> AbstractContextManager[Any]:
+def process_span(group: str, records: Sequence[AnyRecord]) -> AbstractContextManager[Any]:
     """`process <topic>` for a batch: linked to the send span of every event in it,
     and the child of that span when the batch holds one event (one connected trace)."""
     if not tracing.enabled():
         return contextlib.nullcontext()
     topics = sorted({r.topic for r in records})
-    parents = [r.header("traceparent") for r in records]
+    parents = [header(r, "traceparent") for r in records]
     extra: dict[str, Any] = {"messaging.consumer.group.name": group,
                              "messaging.batch.message_count": len(records)}
     if len(records) == 1:
@@ -196,12 +190,11 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
         if not state["started"]:
             await open_stores()
         async for batch in incoming:
-            records = [record_of(m) for m in batch.records]
+            records = batch.records  # aiokafka's records, as the processor reads them
             batch_records.observe(len(records))
             received = batch.received
-            for m in batch.records:
-                if m.timestamp:
-                    consume_delay.observe(max(0.0, received - m.timestamp / 1000))
+            observe_many(consume_delay, [max(0.0, received - r.timestamp / 1000)
+                                         for r in records if r.timestamp])
             try:
                 with process_span(group, records):
                     applied = await processor.process(records)
