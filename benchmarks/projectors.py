@@ -1,13 +1,16 @@
 """Projector throughput per worker (issue 5).
 
-    python -m benchmarks.projectors [--workflows 6000] [--rounds 3] [--broker apache|tansu]
+    python -m benchmarks.projectors [--workflows 10000] [--rounds 3] [--broker apache|tansu]
+        [--groups G ...] [--no-noop]
 
 Events of realistic workflows (the real domain) are produced straight onto the
 topics of an embedded stack. Then, for each projection:
-  * Faust: its worker (`ringiflow projector <group>`) consumes them from the
-    start; events/s from its first to its last committed offset;
+  * Faust: its worker (`ringiflow projector <group>`, as benchmarks.projector_worker
+    runs it under a new consumer group each round) consumes them from the
+    start; events/s from the end of its first batch to the end of its last;
   * baseline, same run: a raw aiokafka consumer reading the same records with
-    the same store's batched apply, no Faust.
+    the same store's batched apply and the same event-type filter, no Faust,
+    timed the same way; each as the median of rounds in alternating order.
 Then Faust itself: a no-op agent (benchmarks.noop_agent) on the batch drain and on
 Faust's own per-record path, next to aiokafka alone doing nothing.
 """
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 
 import psycopg
 import redis.asyncio as redis
@@ -106,29 +110,15 @@ async def empty_read_model(settings: Settings, group: str, run: str) -> Settings
     return settings
 
 
-async def rewind(bootstrap: str, group: str, topics: tuple[str, ...]) -> None:
-    """Commit offset 0 on every partition for the group, so its next worker reads the
-    topics from the start (the group is empty: its last worker has left)."""
-    tps = await topic_partitions_of(bootstrap, *topics)
-    consumer = record_consumer(bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.commit(dict.fromkeys(tps, 0))
-    finally:
-        await stop_consumer(consumer)
-
-
 def faust_rate(settings: Settings, group: str, total: int) -> float:
-    asyncio.run(rewind(settings.require("kafka_bootstrap"), group,
-                       CATALOGUE[group](settings).topics))
     # RINGIFLOW_WORKER_* tuning from this environment passes through.
     tuning = {k: v for k, v in os.environ.items() if k.startswith("RINGIFLOW_WORKER_")}
     env = app_env(settings, RINGIFLOW_SEARCH_ALIAS=settings.search_alias, **tuning)
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "ringiflow", "projector", group, "--port",
-                               str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    # Its own consumer group each round: it reads the topics from the start.
+    worker = subprocess.Popen([sys.executable, "-m", "benchmarks.projector_worker", group,
+                               f"{group}-bench-{uuid.uuid4().hex[:8]}", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = f"http://127.0.0.1:{port}/metrics"
     try:
         while (first := seen_by(metrics, group)) == 0:
@@ -240,7 +230,7 @@ def projection_rates(settings: Settings, group: str, rounds: int) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workflows", type=int, default=6000)
+    parser.add_argument("--workflows", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--groups", nargs="+", choices=sorted(CATALOGUE), default=list(CATALOGUE),
                         help="the projections to time (default: all)")

@@ -142,11 +142,15 @@ def process_span(group: str, records: Sequence[AnyRecord]) -> AbstractContextMan
         attributes=tracing.kafka_attributes(",".join(topics), "process", **extra))
 
 
-def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust.App:
+def build_app(group: str, settings: Settings, port: int, datadir: Path,
+              consumer_group: str | None = None) -> faust.App:
+    """`consumer_group`: the Kafka group to read as (default: the projection's own);
+    benchmarks read the same topics again from the start under a new one."""
     projection = CATALOGUE[group](settings)
     bootstrap = settings.require("kafka_bootstrap")
     app = ProjectorApp(
-        group, fetch_max_wait_ms=fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms),
+        consumer_group or group,
+        fetch_max_wait_ms=fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms),
         broker=[f"kafka://{host}" for host in bootstrap.split(",")],
         value_serializer="raw", key_serializer="raw", store="memory://",
         datadir=str(datadir), topic_disable_leader=True, topic_allow_declare=False,
@@ -252,10 +256,11 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path) -> faust
     return app
 
 
-def run_projector(group: str, settings: Settings, port: int) -> None:
+def run_projector(group: str, settings: Settings, port: int,
+                  consumer_group: str | None = None) -> None:
     datadir = settings.data_path / "faust" / group
     datadir.mkdir(parents=True, exist_ok=True)
-    app = build_app(group, settings, port, datadir)
+    app = build_app(group, settings, port, datadir, consumer_group)
     # Faust keeps the process's logging (override_logging=False): what `ringiflow
     # projector` configured, with every record redacted (no token or password).
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
