@@ -232,8 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workflows", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--groups", nargs="+", choices=sorted(CATALOGUE), default=list(CATALOGUE),
-                        help="the projections to time (default: all)")
+    parser.add_argument("--groups", nargs="*", choices=sorted(CATALOGUE), default=list(CATALOGUE),
+                        help="the projections to time (default: all; none: only the no-op agent)")
     parser.add_argument("--no-noop", dest="noop", action="store_false",
                         help="skip the no-op agent comparison")
     add_broker_flag(parser)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,32 +45,36 @@ from faust.types import TP, StreamT
 
 
 class Ledger:
-    """One partition's delivered offsets that are not acknowledged yet.
+    """One partition's delivered runs of records that are not acknowledged yet.
 
-    Delivery is in offset order, so the first pending offset is the lowest: the
-    position to commit (Kafka commits the next offset to read)."""
+    A run is what one batch holds of the partition; it is acknowledged whole. Delivery
+    is in offset order, so the first pending run starts at the lowest unapplied offset:
+    the position to commit (Kafka commits the next offset to read). Bookkeeping per
+    run, not per record."""
 
     __slots__ = ("end", "pending")
 
     def __init__(self) -> None:
-        self.pending: dict[int, None] = {}  # an ordered set
+        self.pending: dict[int, None] = {}  # first offsets of pending runs, in order
         self.end: int | None = None  # one past the last delivered offset
 
-    def delivered(self, offsets: Sequence[int]) -> None:
-        for offset in offsets:
-            self.pending[offset] = None
-        self.end = offsets[-1] + 1
+    def delivered(self, first: int, last: int) -> None:
+        self.pending[first] = None
+        self.end = last + 1
 
-    def acknowledged(self, offsets: Iterable[int]) -> None:
-        pop = self.pending.pop
-        for offset in offsets:
-            pop(offset, None)
+    def acknowledged(self, first: int) -> None:
+        self.pending.pop(first, None)
 
     def committable(self) -> int | None:
         """The offset to commit: nothing unacknowledged lies below it."""
         for head in self.pending:
             return head
         return self.end
+
+
+# What a batch holds of one partition: its ledger, the run's first and last offsets and
+# its number of records.
+Part = tuple[TP, Ledger, int, int, int]
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Batch:
 
     records: list[Any]  # aiokafka ConsumerRecord: topic, partition, offset, key, value, ...
     received: float  # time.time() the fetch reached the worker
-    parts: list[tuple[TP, Ledger, list[int]]] = field(repr=False)
+    parts: list[Part] = field(repr=False)
     consumer: BatchConsumer = field(repr=False)
 
     def __len__(self) -> int:
@@ -161,10 +165,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def ack_batch(self, batch: Batch) -> None:
         """One acknowledgement per partition of the batch. A ledger replaced by a
         rebalance since delivery is left alone: its partition was revoked."""
-        for tp, ledger, offsets in batch.parts:
+        for tp, ledger, first, _last, count in batch.parts:
             if self._ledgers.get(tp) is ledger:
-                ledger.acknowledged(offsets)
-                self._n_acked += len(offsets)
+                ledger.acknowledged(first)
+                self._n_acked += count
 
     # -- commits ----------------------------------------------------------------------
 
@@ -232,7 +236,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         received = time.time()
         now = time.monotonic()
         monitor = self.app.monitor
-        by_queue: dict[int, tuple[BatchQueue, list[Any], list[tuple[TP, Ledger, list[int]]]]] = {}
+        by_queue: dict[int, tuple[BatchQueue, list[Any], list[Part]]] = {}
         for tp, tp_records in records.items():
             if active is not None and tp not in active:
                 continue
@@ -248,12 +252,14 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if ledger is None:
                 ledger = self._ledgers[tp] = Ledger()
             # A re-fetch after a seek back can repeat offsets already delivered.
-            fresh = [r for r in tp_records if ledger.end is None or r.offset >= ledger.end]
-            if not fresh:
-                continue
+            fresh = tp_records
+            if ledger.end is not None and tp_records[0].offset < ledger.end:
+                fresh = [r for r in tp_records if r.offset >= ledger.end]
+                if not fresh:
+                    continue
             _, batch_records, parts = by_queue.setdefault(id(queue), (queue, [], []))
             batch_records.extend(fresh)
-            parts.append((tp, ledger, [r.offset for r in fresh]))
+            parts.append((tp, ledger, fresh[0].offset, fresh[-1].offset, len(fresh)))
             if monitor is not None:  # what Faust's livelock detector reads
                 monitor.stream_inbound_time[tp] = now
                 monitor.track_tp_end_offset(tp, self.highwater(tp))
@@ -263,8 +269,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
             # Pending before the agent can see them, so an early ack finds them; a
             # delivery abandoned below only holds the commit back until the rebalance
             # replaces these ledgers.
-            for _, ledger, offsets in parts:
-                ledger.delivered(offsets)
+            for _, ledger, first, last, _count in parts:
+                ledger.delivered(first, last)
             batch = Batch(batch_records, received, parts, self)
             if queue.queue.full():
                 await self.wait_first(queue.queue.put(batch), self.suspend_flow.wait())

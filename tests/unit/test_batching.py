@@ -42,12 +42,12 @@ def committable(consumer: BatchConsumer, *tps: TP) -> dict[TP, int]:
 def test_ledger_commits_the_lowest_unacknowledged_offset() -> None:
     ledger = Ledger()
     assert ledger.committable() is None
-    ledger.delivered([10, 11, 12])
-    ledger.delivered([14, 15])  # 13 is a transaction marker: never delivered
+    ledger.delivered(10, 12)
+    ledger.delivered(14, 15)  # 13 is a transaction marker: never delivered
     assert ledger.committable() == 10
-    ledger.acknowledged([14, 15])
+    ledger.acknowledged(14)
     assert ledger.committable() == 10  # the head is still unapplied
-    ledger.acknowledged([10, 11, 12])
+    ledger.acknowledged(10)
     assert ledger.committable() == 16
 
 
