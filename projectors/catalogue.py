@@ -15,7 +15,7 @@ from contract import (
 from infra.settings import Settings, libpq_url
 from projectors.cache_store import CacheStore
 from projectors.derived import DerivedTopicStore, audit_records, notification_records
-from projectors.projection import Projection
+from projectors.projection import Announcer, Projection
 from projectors.search_store import SearchStore
 from projectors.workflow_store import WorkflowStore
 
@@ -36,8 +36,8 @@ CATALOGUE: dict[str, ProjectionFactory] = {
         CacheStore(s.require("redis_url"))),
     "search-indexer": lambda s: Projection(
         "search-indexer", (WORKFLOW_EVENTS.name,), None,
-        SearchStore(s.require("opensearch_url"), s.search_alias, searchable_at_once=True),
-        announces="search"),
+        SearchStore(s.require("opensearch_url"), s.search_alias,
+                    announcer=Announcer(libpq_url(s.role_database_url("projector")), "search"))),
     "audit-processor": lambda s: Projection(
         "audit-processor", ALL_EVENTS, None,
         DerivedTopicStore(s.require("kafka_bootstrap"), audit_records, side_effect=False)),

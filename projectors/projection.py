@@ -8,11 +8,16 @@ an older or repeated event is recognised and skipped, never re-applied."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import psycopg
+
 from contract import APPLIED_NOTIFY_CHANNEL, Applied, EventEnvelope, applied_payloads
+
+log = logging.getLogger("ringiflow.projectors")
 
 
 async def notify_applied(conn: Any, read_model: str, applied: Iterable[Applied]) -> None:
@@ -21,6 +26,34 @@ async def notify_applied(conn: Any, read_model: str, applied: Iterable[Applied])
     if payloads:  # one round trip, however many chunks
         await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
                            (APPLIED_NOTIFY_CHANNEL, payloads))
+
+
+class Announcer:
+    """NOTIFYs what a store made visible in `read_model`, on a connection of its own,
+    so the query API's consistency waits wake at once (ADR 0008). A lost wake-up only
+    costs a waiter its fallback poll, so a failure is logged, never retried."""
+
+    def __init__(self, database_url: str, read_model: str) -> None:
+        self.database_url, self.read_model = database_url, read_model
+        self.conn: psycopg.AsyncConnection | None = None
+
+    async def __call__(self, applied: Sequence[Applied]) -> None:
+        if not applied:
+            return
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True, connect_timeout=2)
+            await notify_applied(self.conn, self.read_model, applied)
+        except psycopg.Error as exc:
+            log.warning("could not announce what %s made visible (%s); waiters fall back "
+                        "to polling", self.read_model, exc)
+            await self.close()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
 
 
 class Retryable(Exception):
@@ -61,11 +94,6 @@ class Projection:
     topics: tuple[str, ...]
     event_types: frozenset[str] | None  # None: every event on the topics
     store: Store = field(compare=False)
-    # The read model name under which the worker NOTIFYs what each batch made
-    # visible, so the query API's consistency waits on it wake at once (None: it
-    # does not, or its store does so itself, as the workflow store does in its
-    # own transaction).
-    announces: str | None = None
 
     def handles(self, event_type: str) -> bool:
         return self.event_types is None or event_type in self.event_types

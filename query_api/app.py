@@ -272,7 +272,7 @@ def create_app(settings: Settings) -> FastAPI:
             return int(doc["_version"]) if same_tenant else 0
 
         try:
-            # Woken by the search-indexer's NOTIFY after each bulk (Projection.announces).
+            # Woken by the search-indexer's NOTIFY once a refresh made its bulk searchable.
             consistency = await waits.wait(principal.tenant_id, principal.user_id,
                                            parse_token(token, after), indexed_version, wait_ms,
                                            "search")

@@ -30,7 +30,6 @@ from infra.settings import Settings, libpq_url
 from infra.telemetry import HOP_BUCKETS, observe_many
 from infra.tracing import SpanKind
 from projectors.catalogue import CATALOGUE
-from projectors.projection import Delivery, notify_applied
 from streams.batching import batches
 from streams.consumer import ProjectorApp, fetch_max_wait_ms
 from streams.deadletters import AnyRecord, DeadLetters, header
@@ -106,19 +105,6 @@ class Progress:
                 stalled.append(f"{topic}[{partition}] lag {lag}, no progress for "
                                f"{now - moved:.0f} s")
         return stalled
-
-
-async def announce(pool: AsyncConnectionPool, read_model: str,
-                   deliveries: list[Delivery]) -> None:
-    """Wake the query API's waits these applied events satisfy; a lost wake-up only
-    costs the waiter's fallback poll, so a failure here is logged, never retried."""
-    applied = [(e.tenant_id, e.aggregate_id, e.version) for e in (d.envelope for d in deliveries)]
-    try:
-        async with pool.connection(timeout=1) as conn:
-            await notify_applied(conn, read_model, applied)
-    except Exception as exc:
-        log.warning("could not announce applied events (%s); waiters fall back to polling",
-                    exc)
 
 
 def process_span(group: str, records: Sequence[AnyRecord]) -> AbstractContextManager[Any]:
@@ -201,7 +187,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
                                          for r in records if r.timestamp])
             try:
                 with process_span(group, records):
-                    applied = await processor.process(records)
+                    await processor.process(records)
             except Exception as exc:
                 # Never let the agent raise: Faust would restart it and acknowledge past
                 # the unfinished batch (faust#606). Stop instead; the batch stays
@@ -212,8 +198,6 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
                                  type(exc).__name__, exc, exc_info=exc)
                     app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
                 return
-            if projection.announces is not None:
-                await announce(pool, projection.announces, applied)
             done = time.time()
             apply_delay.observe(done - received)
             delays.extend([done - received] * len(records))

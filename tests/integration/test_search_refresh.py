@@ -1,0 +1,71 @@
+"""The live search indexer makes what it indexed searchable in the background and
+only then announces it (projectors.search_store.Refresher): every applied version is
+announced, each announcement is already found by a search, and bulks that finish
+while a refresh is running share the next one instead of refreshing once each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from uuid import uuid4
+
+from opensearchpy import AsyncOpenSearch
+
+from contract import Applied
+from infra.settings import Settings
+from projectors.projection import Announcer, Delivery
+from projectors.search_store import SearchStore
+from tests.scenarios import build_world
+
+
+class Checking(Announcer):
+    """Records each announcement after checking that a search already finds it."""
+
+    def __init__(self, client: AsyncOpenSearch, alias: str) -> None:
+        super().__init__("postgresql://unused", "search")
+        self.client, self.alias = client, alias
+        self.calls: list[list[Applied]] = []
+
+    async def __call__(self, applied: Sequence[Applied]) -> None:
+        for _tenant, aggregate, version in applied:
+            doc = await self.client.get(index=self.alias, id=str(aggregate),
+                                        params={"realtime": "false"})
+            assert doc["_version"] >= version, "announced before it was searchable"
+        self.calls.append(list(applied))
+
+
+async def test_bulks_are_announced_once_searchable_and_share_refreshes(
+        settings: Settings) -> None:
+    url = settings.require("opensearch_url")
+    alias = f"refresh-test-{uuid4().hex[:8]}"
+    reader = AsyncOpenSearch(hosts=[url])
+    announcer = Checking(reader, alias)
+    store = SearchStore(url, alias, announcer=announcer)
+    await store.start()
+    refreshes = 0
+    refresh = store.client.indices.refresh
+
+    async def counting(**kwargs: object) -> object:
+        nonlocal refreshes
+        refreshes += 1
+        if refreshes == 1:  # a slow refresh: the bulks meanwhile must wait for one more
+            await asyncio.sleep(0.5)
+        return await refresh(**kwargs)
+
+    store.client.indices.refresh = counting  # type: ignore[method-assign]
+    world = build_world(workflows=20)
+    workflows = [e for e in world.events if e.aggregate_type.value == "workflow"]
+    try:
+        batches = [workflows[i:i + 5] for i in range(0, len(workflows), 5)]
+        for batch in batches:  # as fast as the agent can: no waiting for visibility
+            await store.apply([Delivery(e) for e in batch])
+        assert store.refresher is not None
+        await store.refresher.close()  # settles: everything indexed is announced
+        announced = {(t, a, v) for call in announcer.calls for t, a, v in call}
+        newest = {(e.tenant_id, e.aggregate_id): e.version for e in workflows}
+        assert {(t, a): v for t, a, v in sorted(announced, key=lambda x: x[2])} == newest
+        assert refreshes <= 3 < len(batches), "bulks made during a refresh share the next one"
+    finally:
+        await store.close()
+        await reader.indices.delete(index=f"{alias}-v1")
+        await reader.close()
