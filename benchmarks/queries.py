@@ -29,7 +29,7 @@ from benchmarks.common import (
 from infra.auth import mint_token
 from infra.settings import Settings, libpq_url
 from projectors.projection import Delivery
-from projectors.workflow_store import WorkflowStore
+from projectors.workflows.store import WorkflowStore
 from tests.events import append
 from tests.scenarios import build_world
 

@@ -21,9 +21,9 @@ import time
 
 from benchmarks.common import add_broker_flag, embedded_stack
 from infra.settings import Settings
-from projectors.catalogue import CATALOGUE
+from operations.rebuild import run_rebuild
+from projectors.catalogue import CATALOGUE, VERSIONED
 from projectors.projection import Delivery
-from ringiflow.rebuild import VERSIONS, run_rebuild
 from tests.events import append
 from tests.scenarios import build_world
 
@@ -42,7 +42,7 @@ def seed(settings: Settings, workflows: int) -> list[Delivery]:
 
 async def baseline(settings: Settings, projector: str, deliveries: list[Delivery],
                    scratch_number: int) -> float:
-    versions = VERSIONS[projector](settings)
+    versions = VERSIONED[projector](settings)
     scratch = versions.named(scratch_number)
     await versions.create(scratch, await versions.live())
     handles = CATALOGUE[projector](settings).handles

@@ -1,5 +1,6 @@
-"""Every projection RingiFlow runs, declared as data: its consumer group, the
-topics and event types it reads, and the store it writes."""
+"""Every projection RingiFlow runs, declared as data: its consumer group, the topics
+and event types it reads, the store it writes and, for a read model, the versioned
+store that rebuilds, verifies and repairs it (operations look it up here)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,24 @@ from contract import (
     USER_EVENTS,
     WORKFLOW_EVENTS,
     AggregateType,
+    EventName,
 )
 from infra.settings import Settings, libpq_url
-from projectors.cache_store import CacheStore
+from projectors.cache.store import CacheStore
+from projectors.cache.versions import CacheVersions
 from projectors.derived import DerivedTopicStore, audit_records, notification_records
 from projectors.projection import Announcer, Projection
-from projectors.search_store import SearchStore
-from projectors.workflow_store import WorkflowStore
+from projectors.search.store import SearchStore
+from projectors.search.versions import SearchVersions
+from projectors.versioned import VersionedStore
+from projectors.workflows.store import WorkflowStore
+from projectors.workflows.versions import TableVersions
 
 ALL_EVENTS = (WORKFLOW_EVENTS.name, DEFINITION_EVENTS.name, USER_EVENTS.name)
 WORKFLOW_AND_USERS = frozenset(REGISTRY.names(AggregateType.WORKFLOW)
                                + REGISTRY.names(AggregateType.USER))
-NOTIFYING = frozenset({"WorkflowStepAssigned", "WorkflowApproved", "WorkflowRejected",
-                       "WorkflowStepCompleted"})
+NOTIFYING = frozenset({EventName.WORKFLOW_STEP_ASSIGNED, EventName.WORKFLOW_APPROVED,
+                       EventName.WORKFLOW_REJECTED, EventName.WORKFLOW_STEP_COMPLETED})
 
 ProjectionFactory = Callable[[Settings], Projection]
 
@@ -46,3 +52,18 @@ CATALOGUE: dict[str, ProjectionFactory] = {
         DerivedTopicStore(s.require("kafka_bootstrap"), notification_records, side_effect=True,
                           on_replay=s.replay_notifications)),
 }
+
+
+def versioned(group: str) -> type[VersionedStore] | None:
+    """The versioned store of `group`'s read model; None for a projection that writes
+    topics (or for an unknown group)."""
+    return VERSIONED.get(group)
+
+
+# Each read model's versioned store, by projection (the projections above that write
+# topics have none).
+VERSIONED: dict[str, type[VersionedStore]] = {
+    TableVersions.projector: TableVersions, CacheVersions.projector: CacheVersions,
+    SearchVersions.projector: SearchVersions,
+}
+

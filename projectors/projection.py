@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from uuid import UUID
 
 import psycopg
 
@@ -97,3 +98,15 @@ class Projection:
 
     def handles(self, event_type: str) -> bool:
         return self.event_types is None or event_type in self.event_types
+
+
+def newest_by_aggregate(batch: Sequence[Delivery]) -> list[Delivery]:
+    """Only the newest event of each (tenant's) aggregate can change a
+    snapshot-based row."""
+    newest: dict[tuple[UUID, UUID], Delivery] = {}
+    for delivery in batch:
+        stream = (delivery.envelope.tenant_id, delivery.envelope.aggregate_id)
+        current = newest.get(stream)
+        if current is None or delivery.envelope.version > current.envelope.version:
+            newest[stream] = delivery
+    return list(newest.values())

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect
 
-from contract import utcnow
+from contract import schemas, utcnow
 from infra import problems
 from infra.auth import AuthError, Principal, authenticator
 from infra.clients import opensearch_client, readiness_checks, redis_client
@@ -28,7 +28,7 @@ from infra.problems import Problem
 from infra.security import principal_dependency
 from infra.service import health_router
 from infra.settings import Settings, libpq_url
-from projectors.cache_store import dashboard, user_ids, with_current_names
+from projectors.cache.layout import dashboard, user_ids, with_current_names
 from query_api import openapi
 from query_api.cache import DetailCache
 from query_api.consistency import DEFAULT_WAIT_MS, Consistency, Waits, listen_applied, parse_token
@@ -120,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     checks = readiness_checks(settings, "query", "redis", "opensearch")
     app.include_router(health_router("query-api", checks, optional=frozenset({"redis",
                                                                              "opensearch"})))
+    app.include_router(contract_router())
     auth = authenticator(settings)
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=settings.max_body_bytes,
                        max_json_depth=settings.max_json_depth)
@@ -385,4 +386,26 @@ def not_found(workflow_id: UUID, when: str = "") -> Problem:
     return Problem(404, "not_found", "Not found",
                    f"workflow {workflow_id} does not exist in your tenant{suffix}")
 
+
+def contract_router() -> APIRouter:
+    """The event contract, published (no credentials: like /openapi.json, it describes
+    the interface, not tenant data): the AsyncAPI document of every topic and the JSON
+    Schema of each event type, generated from contract's models."""
+    router = APIRouter(tags=["contract"])
+
+    @router.get("/asyncapi.json", summary="AsyncAPI 3 document of every topic")
+    async def asyncapi_document() -> Response:
+        return Response(orjson.dumps(schemas.asyncapi()), media_type="application/json")
+
+    @router.get("/schemas/events/{event_type}.json", summary="JSON Schema of one event type",
+                responses={404: {"description": "No such event type"}})
+    async def event_schema(event_type: str) -> Response:
+        found = schemas.event_schemas().get(event_type)
+        if found is None:
+            raise Problem(404, "not_found", "Unknown event type",
+                          f"no event type {event_type!r}; known: "
+                          f"{', '.join(sorted(schemas.event_schemas()))}")
+        return Response(orjson.dumps(found), media_type="application/schema+json")
+
+    return router
 

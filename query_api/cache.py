@@ -14,25 +14,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from projectors.cache_store import LIVE, NAMESPACE_KEY, RESOLVE_NAMESPACE
-
-# Every read resolves the live namespace inside Redis (ADR 0005): one round
-# trip, and a cut-over between two commands cannot split a read.
-DETAIL = RESOLVE_NAMESPACE + """
-return redis.call('GET', ns .. 'workflow:' .. ARGV[2] .. ':' .. ARGV[3])
-"""
-APPLIED = RESOLVE_NAMESPACE + """
-return redis.call('HGET', ns .. 'wfver:' .. ARGV[2], ARGV[3])
-"""
-FILL = RESOLVE_NAMESPACE + """
-local applied = tonumber(redis.call('HGET', ns .. 'wfver:' .. ARGV[2], ARGV[3]) or '0')
-if tonumber(ARGV[4]) >= applied then
-    redis.call('SET', ns .. 'workflow:' .. ARGV[2] .. ':' .. ARGV[3], ARGV[5], 'EX',
-               tonumber(ARGV[6]))
-    return 1
-end
-return 0
-"""
+# Every read resolves the live namespace inside Redis (ADR 0005): one round trip, and a
+# cut-over between two commands cannot split a read.
+from projectors.cache.layout import APPLIED, DETAIL, FILL, LIVE, NAMESPACE_KEY
 
 
 class DetailCache:

@@ -286,7 +286,7 @@ def _filters(group: str | None, error_class: str | None, aggregate: UUID | None,
              event_type: str | None, since: str | None, until: str | None) -> object:
     from datetime import datetime
 
-    from ringiflow.dlq import Filters
+    from operations.dlq import Filters
 
     def when(value: str | None, name: str) -> datetime | None:
         if value is None:
@@ -301,7 +301,7 @@ def _filters(group: str | None, error_class: str | None, aggregate: UUID | None,
         return parsed
 
     if group is not None:
-        from ringiflow.dlq import check_group
+        from operations.dlq import check_group
 
         check_group(group)
     return Filters(group, error_class, aggregate, event_type, when(since, "since"),
@@ -318,7 +318,7 @@ def dlq_list(group: Group = None, error_class: ErrorClass = None,
              aggregate: AggregateOpt = None, since: Since = None, until: Since = None,
              data_dir: DataDir = None, json_out: JsonOut = False) -> None:
     """Parked aggregates: which event they wait behind and why."""
-    from ringiflow.dlq import parked
+    from operations.dlq import parked
 
     rows = parked(_settings(data_dir).with_runtime(),
                   _filters(group, error_class, aggregate, None, since, until))  # type: ignore[arg-type]
@@ -337,7 +337,7 @@ def dlq_list(group: Group = None, error_class: ErrorClass = None,
 def dlq_show(aggregate: Annotated[UUID, typer.Argument(help="The parked aggregate.")],
              group: Group = None, data_dir: DataDir = None, json_out: JsonOut = False) -> None:
     """An aggregate's dead letters, in order, with their error context."""
-    from ringiflow.dlq import records
+    from operations.dlq import records
 
     rows = records(_settings(data_dir).with_runtime(),
                    _filters(group, None, aggregate, None, None, None))  # type: ignore[arg-type]
@@ -364,7 +364,7 @@ def dlq_export(group: Group = None, error_class: ErrorClass = None,
                event_type: Annotated[str | None, typer.Option(help="Event type.")] = None,
                since: Since = None, until: Since = None, data_dir: DataDir = None) -> None:
     """Every matching DLQ record as one JSON object per line (stdout)."""
-    from ringiflow.dlq import records
+    from operations.dlq import records
 
     rows = records(_settings(data_dir).with_runtime(),
                    _filters(group, error_class, aggregate, event_type, since, until))  # type: ignore[arg-type]
@@ -387,7 +387,7 @@ def dlq_retry(
 ) -> None:
     """Re-drive parked aggregates in order through their projection; release each
     whose dead letters now apply."""
-    from ringiflow.dlq import parked, retry
+    from operations.dlq import parked, retry
 
     settings = _settings(data_dir).with_runtime()
     if (aggregate is None) == (not all_parked):
@@ -428,7 +428,7 @@ def dlq_discard(
     data_dir: DataDir = None,
 ) -> None:
     """Release an aggregate without applying its dead letters."""
-    from ringiflow.dlq import check_group, discard
+    from operations.dlq import check_group, discard
 
     check_group(group)
     if len(reason.strip()) < 5:
@@ -442,7 +442,7 @@ def dlq_discard(
 
 def _scope(tenant: UUID | None, aggregate: UUID | None, since: str | None,
            until: str | None) -> object:
-    from ringiflow.resync import Scope
+    from operations.scope import Scope
 
     f = _filters(None, None, None, None, since, until)
     return Scope(tenant, (aggregate,) if aggregate else None, f.since,  # type: ignore[attr-defined]
@@ -466,8 +466,8 @@ def replay(
 ) -> None:
     """Re-project a scope in place from the events table (tenant, aggregate, time
     window; the aggregates it touches are replayed whole, in order)."""
+    from operations.replay import replay as run_replay
     from projectors.catalogue import CATALOGUE
-    from ringiflow.resync import replay as run_replay
 
     if projector not in CATALOGUE:
         raise ConfigError(f"unknown projector {projector!r}; choose one of "
@@ -478,7 +478,7 @@ def replay(
                         progress=(lambda _m: None) if json_out
                         else (lambda m: typer.echo(f"· {m}", err=True)))
     if not dry_run:
-        from ringiflow.dlq import record_action
+        from operations.audit import record_action
 
         record_action(settings, "replay", projector, aggregate, "done",
                       details={"scope": scope.__dict__, "events": report.events,
@@ -509,9 +509,9 @@ def rebuild(
     """Blue/green: build a new version of the read model from the events table,
     cut over atomically (views / namespace pointer / alias), keep the old one.
     Resumes an interrupted rebuild."""
-    from ringiflow.dlq import record_action
-    from ringiflow.rebuild import RebuildFailed, RefusedCutOver
-    from ringiflow.rebuild import rebuild as run_rebuild
+    from operations.audit import record_action
+    from operations.rebuild import RebuildFailed, RefusedCutOver
+    from operations.rebuild import rebuild as run_rebuild
 
     settings = _settings(data_dir).with_runtime()
     try:
@@ -568,9 +568,9 @@ def verify(
 ) -> None:
     """Compare a read model with the events table; exit 1 on any difference
     (after --repair: on any difference left)."""
-    from ringiflow.dlq import record_action
-    from ringiflow.resync import repair as run_repair
-    from ringiflow.resync import verify as run_verify
+    from operations.audit import record_action
+    from operations.verify import repair as run_repair
+    from operations.verify import verify as run_verify
 
     settings = _settings(data_dir).with_runtime()
     if tenant is not None and not _tenant_has_events(settings, tenant):
@@ -618,7 +618,7 @@ def lag(
 ) -> None:
     """Lag per consumer group and partition, parked aggregates, outbox backlog.
     Exits 1 when a threshold is crossed (or outbox rows failed)."""
-    from ringiflow.lag import report
+    from operations.lag import report
 
     result = report(_settings(data_dir).with_runtime())
     breaches = result.breaches(max_lag, max_outbox_age, max_parked, max_event_age)

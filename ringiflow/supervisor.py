@@ -314,7 +314,8 @@ class Supervisor:
     def _reindex(self) -> None:
         """osmem restarted empty: re-project search from the events table (the
         search-indexer's offsets are past everything it had indexed)."""
-        from ringiflow.resync import Scope, replay
+        from operations.replay import replay
+        from operations.scope import Scope
 
         log.warning("osmem restarted empty; re-indexing search from the events table")
         report = replay(self.settings.model_copy(update=self.urls), "search-indexer", Scope())

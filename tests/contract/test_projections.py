@@ -18,10 +18,10 @@ import pytest
 from commands import domain
 from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
-from projectors.cache_store import CacheStore
+from projectors.cache.store import CacheStore
 from projectors.projection import Store
-from projectors.search_store import ALIAS, SearchStore
-from projectors.workflow_store import WorkflowStore
+from projectors.search.store import ALIAS, SearchStore
+from projectors.workflows.store import WorkflowStore
 from tests.scenarios import World, build_world, chaotic, in_order
 
 State = dict[str, Any]

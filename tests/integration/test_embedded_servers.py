@@ -230,7 +230,7 @@ def test_opensearch_analyses_japanese_and_takes_the_indexers_index(
     from opensearchpy.exceptions import ConflictError
 
     from infra.embedded import start_opensearch
-    from projectors.search_store import ensure_index
+    from projectors.search.store import ensure_index
 
     real = settings.model_copy(update={"embedded_opensearch": "opensearch",
                                        "embedded_opensearch_version": version})

@@ -226,6 +226,23 @@ def test_iso_8601_date_times_with_a_zone_are_accepted(query_api: str) -> None:
         assert listed.json() == {"items": [], "next_cursor": None}
 
 
+def test_the_event_contract_is_published_without_credentials(query_api: str) -> None:
+    """The AsyncAPI document and each event type's JSON Schema, as a consumer team would
+    fetch them; an unknown event type is a problem+json 404 naming the known ones."""
+    document = httpx.get(query_api + "/asyncapi.json", timeout=10)
+    assert document.status_code == 200 and document.json()["asyncapi"].startswith("3.")
+    addresses = {c["address"] for c in document.json()["channels"].values()}
+    assert "ringiflow.workflow.events" in addresses
+    schema = httpx.get(query_api + "/schemas/events/WorkflowApproved.json", timeout=10)
+    assert schema.status_code == 200
+    assert schema.headers["content-type"] == "application/schema+json"
+    assert schema.json()["properties"]["event_type"] == {"const": "WorkflowApproved"}
+    jsonschema.Draft202012Validator.check_schema(schema.json())
+    unknown = httpx.get(query_api + "/schemas/events/WorkflowArchived.json", timeout=10)
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == PROBLEM_JSON
+    assert "WorkflowApproved" in unknown.json()["detail"]
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 

@@ -103,7 +103,7 @@ async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
 
     from infra.settings import libpq_url
     from projectors.projection import Projection
-    from projectors.workflow_store import WorkflowStore
+    from projectors.workflows.store import WorkflowStore
     from streams.deadletters import DeadLetters
     from streams.processor import Processor, RetryPolicy
     from tests.integration.test_streams import Flaky, records_of
@@ -392,7 +392,7 @@ async def test_workflow_rebuild_is_blue_green_with_no_failed_or_empty_query(
 
 
 async def test_an_interrupted_rebuild_resumes_where_it_stopped(fresh_db: Settings) -> None:
-    from ringiflow.rebuild import run_rebuild
+    from operations.rebuild import run_rebuild
 
     world = _world_in(fresh_db, workflows=20)
 
@@ -444,7 +444,7 @@ async def test_cache_rebuild_switches_namespaces_with_no_failed_or_empty_query(
 ) -> None:
     import redis.asyncio as aioredis
 
-    from projectors.cache_store import NAMESPACE_KEY
+    from projectors.cache.layout import NAMESPACE_KEY
     from tests.helpers import Person
 
     # A Redis database of its own: the namespace pointer is global to a database.
@@ -529,7 +529,7 @@ async def test_verify_finds_and_repairs_cache_and_search_differences(fresh_db: S
     import redis.asyncio as aioredis
 
     from projectors.projection import Delivery
-    from projectors.search_store import SearchStore
+    from projectors.search.store import SearchStore
 
     alias = f"t-{uuid4().hex[:10]}"
     settings = fresh_db.model_copy(update={
@@ -653,9 +653,10 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
 
     import contract
     from infra.settings import libpq_url
+    from operations.rebuild import run_rebuild
     from projectors.projection import Delivery
-    from projectors.workflow_store import WorkflowStore
-    from ringiflow.rebuild import PostgresVersions, run_rebuild
+    from projectors.workflows.store import WorkflowStore
+    from projectors.workflows.versions import TableVersions
     from tests.events import append
 
     world = build_world(workflows=6)
@@ -681,9 +682,9 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
             slow.commit()
             slow.close()
 
-    original = PostgresVersions.cut_over
+    original = TableVersions.cut_over
 
-    async def live_projector_writes_first(self: PostgresVersions, target: str,
+    async def live_projector_writes_first(self: TableVersions, target: str,
                                           live: str | None) -> None:
         append(fresh_db.database_url or "", [at_cut_over])
         store = WorkflowStore(url)  # the live projector: through the views, old version
@@ -692,7 +693,7 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
         await store.close()
         await original(self, target, live)
 
-    monkeypatch.setattr(PostgresVersions, "cut_over", live_projector_writes_first)
+    monkeypatch.setattr(TableVersions, "cut_over", live_projector_writes_first)
     result = await run_rebuild(fresh_db, "workflow-projector", progress=commit_the_slow_one)
     assert (result.swapped_from, result.target) == ("read_model_v1", "read_model_v2")
     with psycopg.connect(url) as conn:
@@ -708,7 +709,7 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
 async def test_a_rebuild_that_fails_after_its_cut_over_finishes_on_the_next_run(
     fresh_db: Settings, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ringiflow.rebuild as rebuild_module
+    import operations.rebuild as rebuild_module
     from projectors.projection import Retryable
 
     _world_in(fresh_db, workflows=4)

@@ -1,5 +1,5 @@
 """The live search indexer makes what it indexed searchable in the background and
-only then announces it (projectors.search_store.Refresher): every applied version is
+only then announces it (projectors.search.store.Refresher): every applied version is
 announced, each announcement is already found by a search, and bulks that finish
 while a refresh is running share the next one instead of refreshing once each."""
 
@@ -14,7 +14,7 @@ from opensearchpy import AsyncOpenSearch
 from contract import Applied
 from infra.settings import Settings
 from projectors.projection import Announcer, Delivery
-from projectors.search_store import SearchStore
+from projectors.search.store import SearchStore
 from tests.scenarios import build_world
 
 

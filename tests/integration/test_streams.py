@@ -18,9 +18,10 @@ import contract
 from infra.embedded import start_redis
 from infra.kafka import read_from_start
 from infra.settings import Settings, libpq_url
-from projectors.cache_store import CacheStore, dashboard
+from projectors.cache.layout import dashboard
+from projectors.cache.store import CacheStore
 from projectors.projection import Delivery, NonRetryable, Projection, Store
-from projectors.workflow_store import WorkflowStore
+from projectors.workflows.store import WorkflowStore
 from streams.deadletters import DeadLetters, Record, redrive
 from streams.processor import Processor, RetryPolicy
 from tests.conftest import free_port

@@ -15,8 +15,8 @@ import pytest
 import contract
 from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
-from projectors.cache_store import dashboard
-from projectors.search_store import ALIAS
+from projectors.cache.layout import dashboard
+from projectors.search.store import ALIAS
 from tests.conftest import TEST_JWT_SECRET
 from tests.helpers import Tenant
 from tests.integration.test_streams import read_raw

@@ -53,10 +53,7 @@ from commands.domain import (
     decide,
     evolve,
     fold,
-    initial_definition_state,
     initial_state,
-    initial_user_state,
-    initial_workflow_state,
     resolve_steps,
 )
 
@@ -112,7 +109,7 @@ def types(events: list[DomainEvent]) -> list[str]:
 
 
 def registered(name: str = "Alice", email: str = "alice@example.com") -> UserState:
-    _, state = apply(initial_user_state(uuid4()), RegisterUser(name, email), ALICE)
+    _, state = apply(UserState(uuid4()), RegisterUser(name, email), ALICE)
     return state
 
 
@@ -120,7 +117,7 @@ def defined() -> DefinitionState:
     command = CreateDefinition(
         "Purchase", (StepTemplate("Manager", BOB.user_id), StepTemplate("CFO", CAROL.user_id))
     )
-    _, state = apply(initial_definition_state(uuid4()), command, ALICE)
+    _, state = apply(DefinitionState(uuid4()), command, ALICE)
     return state
 
 
@@ -142,7 +139,7 @@ def create_command(**overrides: Any) -> CreateWorkflow:
 
 
 def draft(**overrides: Any) -> WorkflowState:
-    _, state = apply(initial_workflow_state(uuid4()), create_command(**overrides), ALICE)
+    _, state = apply(WorkflowState(uuid4()), create_command(**overrides), ALICE)
     return state
 
 
@@ -197,7 +194,7 @@ def document(**overrides: Any) -> dict[str, Any]:
 
 
 def test_register_user() -> None:
-    state = initial_user_state(uuid4())
+    state = UserState(uuid4())
     events, after = apply(state, RegisterUser("  Alice  ", "alice@example.com"), ALICE)
     assert types(events) == ["UserRegistered"]
     assert events[0].payload == {
@@ -229,7 +226,7 @@ def test_register_user_twice_is_refused() -> None:
     ids=["blank-name", "long-name", "bad-email"],
 )
 def test_register_user_validates(display_name: str, email: str) -> None:
-    refuse(initial_user_state(uuid4()), RegisterUser(display_name, email), ALICE, InvalidCommand)
+    refuse(UserState(uuid4()), RegisterUser(display_name, email), ALICE, InvalidCommand)
 
 
 def test_rename_user() -> None:
@@ -244,7 +241,7 @@ def test_rename_user() -> None:
 
 
 def test_rename_user_refusals() -> None:
-    refuse(initial_user_state(uuid4()), RenameUser("Bob"), ALICE, NotFound)
+    refuse(UserState(uuid4()), RenameUser("Bob"), ALICE, NotFound)
     assert "already named" in refuse(registered(), RenameUser(" Alice "), ALICE, InvalidCommand)
     refuse(registered(), RenameUser(""), ALICE, InvalidCommand)
 
@@ -253,7 +250,7 @@ def test_rename_user_refusals() -> None:
 
 
 def test_create_definition() -> None:
-    state = initial_definition_state(uuid4())
+    state = DefinitionState(uuid4())
     command = CreateDefinition(
         " Purchase ",
         (StepTemplate("Manager", BOB.user_id), StepTemplate("CFO", CAROL.user_id)),
@@ -276,7 +273,7 @@ def test_create_definition() -> None:
 def test_create_definition_refusals() -> None:
     step = (StepTemplate("Manager", BOB.user_id),)
     refuse(defined(), CreateDefinition("Again", step), ALICE, AlreadyExists)
-    empty = initial_definition_state(uuid4())
+    empty = DefinitionState(uuid4())
     assert "at least one step" in refuse(empty, CreateDefinition("P", ()), ALICE, InvalidCommand)
     refuse(empty, CreateDefinition(" ", step), ALICE, InvalidCommand)
     blank_step = (StepTemplate(" ", BOB.user_id),)
@@ -293,14 +290,14 @@ def test_resolve_steps() -> None:
     with pytest.raises(NotFound, match="register the user"):
         resolve_steps(definition, {BOB.user_id: "Bob"})
     with pytest.raises(NotFound, match="CreateDefinition"):
-        resolve_steps(initial_definition_state(uuid4()), names)
+        resolve_steps(DefinitionState(uuid4()), names)
 
 
 # --- workflow creation -------------------------------------------------------------
 
 
 def test_create_workflow() -> None:
-    state = initial_workflow_state(uuid4())
+    state = WorkflowState(uuid4())
     doc = document()
     command = create_command(priority="urgent", documents=(DocumentInfo(**doc),))
     events, after = apply(state, command, ALICE)
@@ -356,13 +353,13 @@ def test_create_workflow_twice_is_refused() -> None:
 )  # fmt: skip
 def test_create_workflow_validates(overrides: dict[str, Any], mentions: str) -> None:
     command = create_command(**overrides)
-    assert mentions in refuse(initial_workflow_state(uuid4()), command, ALICE, InvalidCommand)
+    assert mentions in refuse(WorkflowState(uuid4()), command, ALICE, InvalidCommand)
 
 
 def test_create_workflow_refuses_repeated_document_ids() -> None:
     doc = DocumentInfo(**document())
     command = create_command(documents=(doc, doc))
-    refuse(initial_workflow_state(uuid4()), command, ALICE, InvalidCommand)
+    refuse(WorkflowState(uuid4()), command, ALICE, InvalidCommand)
 
 
 # --- submit ------------------------------------------------------------------------
@@ -399,7 +396,7 @@ def test_submit_assigns_the_first_step() -> None:
 
 
 def test_submit_refusals() -> None:
-    refuse(initial_workflow_state(uuid4()), SubmitWorkflow(), ALICE, NotFound)
+    refuse(WorkflowState(uuid4()), SubmitWorkflow(), ALICE, NotFound)
     assert "Alice" in refuse(draft(), SubmitWorkflow(), BOB, Forbidden)
     assert "already being reviewed" in refuse(in_progress(), SubmitWorkflow(), ALICE, InvalidState)
     refuse(changes_requested(), SubmitWorkflow(), ALICE, InvalidState)
@@ -443,7 +440,7 @@ def test_approving_the_last_step_approves_the_workflow() -> None:
 def test_step_decision_refusals() -> None:
     state = in_progress()
     first, second = state.steps
-    refuse(initial_workflow_state(uuid4()), ApproveStep(first.step_id), BOB, NotFound)
+    refuse(WorkflowState(uuid4()), ApproveStep(first.step_id), BOB, NotFound)
     assert "submit it first" in refuse(draft(), ApproveStep(uuid4()), BOB, InvalidState)
     assert "no step" in refuse(state, ApproveStep(uuid4()), BOB, InvalidCommand)
     message = refuse(state, ApproveStep(second.step_id), CAROL, InvalidState)
@@ -531,7 +528,7 @@ def test_resubmit_reassigns_the_step_that_asked_for_changes() -> None:
 
 
 def test_resubmit_refusals() -> None:
-    refuse(initial_workflow_state(uuid4()), ResubmitWorkflow(), ALICE, NotFound)
+    refuse(WorkflowState(uuid4()), ResubmitWorkflow(), ALICE, NotFound)
     refuse(changes_requested(), ResubmitWorkflow(), BOB, Forbidden)
     refuse(in_progress(), ResubmitWorkflow(), ALICE, InvalidState)
     refuse(draft(), ResubmitWorkflow(), ALICE, InvalidState)
@@ -617,7 +614,7 @@ def test_cancel_without_reason() -> None:
 
 
 def test_cancel_refusals() -> None:
-    refuse(initial_workflow_state(uuid4()), CancelWorkflow(), ALICE, NotFound)
+    refuse(WorkflowState(uuid4()), CancelWorkflow(), ALICE, NotFound)
     assert "only the initiator" in refuse(in_progress(), CancelWorkflow(), BOB, Forbidden)
 
 
@@ -640,7 +637,7 @@ def test_add_comment(make: Callable[[], WorkflowState]) -> None:
 
 
 def test_add_comment_refusals() -> None:
-    refuse(initial_workflow_state(uuid4()), AddComment("hi"), ALICE, NotFound)
+    refuse(WorkflowState(uuid4()), AddComment("hi"), ALICE, NotFound)
     refuse(draft(), AddComment("  "), ALICE, InvalidCommand)
 
 
@@ -679,7 +676,7 @@ def test_attach_document_refusals() -> None:
     doc = document()
     _, state = apply(draft(), AttachDocument(**doc), ALICE)
     assert "new document_id" in refuse(state, AttachDocument(**doc), ALICE, AlreadyExists)
-    refuse(initial_workflow_state(uuid4()), AttachDocument(**document()), ALICE, NotFound)
+    refuse(WorkflowState(uuid4()), AttachDocument(**document()), ALICE, NotFound)
 
 
 # --- terminal workflows -------------------------------------------------------------
@@ -712,7 +709,7 @@ def test_terminal_workflows_refuse_every_command(
 
 
 def test_fold_replays_a_whole_history() -> None:
-    state = initial_workflow_state(uuid4())
+    state = WorkflowState(uuid4())
     history: list[DomainEvent] = []
     steps: list[tuple[Callable[[WorkflowState], Command], Actor]] = [
         (lambda s: create_command(), ALICE),
@@ -729,7 +726,7 @@ def test_fold_replays_a_whole_history() -> None:
         events, state = apply(state, make(state), actor)
         history.extend(events)
     assert state.status is WorkflowStatus.APPROVED
-    replayed = fold(initial_workflow_state(state.id), history)
+    replayed = fold(WorkflowState(state.id), history)
     assert replayed == state
     assert replayed.version == len(history) == 14
     assert json.loads(json.dumps(replayed.snapshot())) == state.snapshot()
@@ -752,14 +749,14 @@ def test_every_event_type_matches_the_contract() -> None:
     def collect(aggregate_type: str, events: list[DomainEvent]) -> None:
         emitted.update({e.event_type: aggregate_type for e in events})
 
-    new_user = initial_user_state(uuid4())
+    new_user = UserState(uuid4())
     collect("user", decide(RegisterUser("A", "a@example.com"), new_user, ALICE, NOW))
     collect("user", decide(RenameUser("B"), registered(), ALICE, NOW))
-    new_definition = initial_definition_state(uuid4())
+    new_definition = DefinitionState(uuid4())
     create = CreateDefinition("D", (StepTemplate("S", BOB.user_id),))
     collect("definition", decide(create, new_definition, ALICE, NOW))
     workflow_commands: list[tuple[WorkflowState, Callable[[WorkflowState], Command], Actor]] = [
-        (initial_workflow_state(uuid4()), lambda s: create_command(), ALICE),
+        (WorkflowState(uuid4()), lambda s: create_command(), ALICE),
         (draft(), lambda s: SubmitWorkflow(), ALICE),
         (at_second_step(), lambda s: ApproveStep(s.steps[1].step_id), CAROL),
         (changes_requested(), lambda s: ResubmitWorkflow(), ALICE),
@@ -809,7 +806,7 @@ def test_programming_errors_are_not_domain_errors() -> None:
 def test_decide_does_not_mutate_the_command() -> None:
     command = create_command(documents=(DocumentInfo(**document()),))
     before = copy.deepcopy(command)
-    decide(command, initial_workflow_state(uuid4()), ALICE, NOW)
+    decide(command, WorkflowState(uuid4()), ALICE, NOW)
     assert command == before
 
 

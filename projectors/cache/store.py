@@ -1,21 +1,10 @@
-"""cache-projector: Redis detail cache, exact dashboard counters, live messages.
+"""cache-projector's writes: the Redis detail cache, exact dashboard counters, live
+messages (the layout: `projectors.cache.layout`).
 
 One Lua script per event does the version check and every write it implies,
 atomically: a repeated or older event changes nothing, so counters stay exact
 under redelivery and replays. Counters follow each workflow's status from its
-snapshot (not event deltas), so a skipped intermediate event cannot skew them.
-
-Keys (tenant-scoped, each prefixed with the live namespace, see NAMESPACE_KEY):
-  workflow:{tenant}:{id}              detail: the newest snapshot (JSON, with TTL)
-  wfver:{tenant}        hash id->v     the newest version applied (no TTL: the guard)
-  wfstatus:{tenant}     hash id->s     status counted for that workflow
-  stats:{tenant}        hash           pending
-  stats:{tenant}:completed:{day}       workflows completed (approved/rejected) that UTC day
-  overdue:{tenant}      zset id->due   in-progress workflows by due date (count <= now)
-  usernames:{tenant}    hash id->name  current display names (userver: their versions)
-Pub/sub: `user:{tenant}:{id}` and `tenant:{id}` get {type, payload} messages (a user
-id is unique per tenant only, so the user channel names the tenant too).
-"""
+snapshot (not event deltas), so a skipped intermediate event cannot skew them."""
 
 from __future__ import annotations
 
@@ -30,64 +19,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from contract import EventName, workflow_of
+from projectors.cache.layout import (
+    APPLY,
+    LIVE,
+    NAMESPACE_KEY,
+    detail_pattern,
+    live_namespace,
+    tenant_channel,
+    user_channel,
+    user_ids,
+    user_names_key,
+    user_versions_key,
+    with_current_names,
+)
 from projectors.projection import Delivery, NonRetryable, Retryable, Unavailable
-
-# The live namespace: a key prefix, "" for the first version. A rebuild fills a
-# new namespace and cuts over by setting this one key (ADR 0005). Every script
-# resolves it inside Redis, so a reader or the live projector can never mix
-# namespaces within one call.
-NAMESPACE_KEY = "ringiflow:cache:namespace"
-LIVE = "*"
-RESOLVE_NAMESPACE = """
-local ns = ARGV[1]
-if ns == '*' then ns = redis.call('GET', KEYS[1]) or '' end
-"""
-
-APPLY = RESOLVE_NAMESPACE + """
-local tenant, id, v, status, due, day, body, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]),
-    ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local detail, versions = ns .. 'workflow:' .. tenant .. ':' .. id, ns .. 'wfver:' .. tenant
-local statuses, stats = ns .. 'wfstatus:' .. tenant, ns .. 'stats:' .. tenant
-local overdue = ns .. 'overdue:' .. tenant
-local completed = stats .. ':completed:' .. (day ~= '' and day or 'none')
-local current = tonumber(redis.call('HGET', versions, id) or '0')
-if v <= current then return {0, 0} end
-redis.call('HSET', versions, id, v)
-redis.call('SET', detail, body, 'EX', ttl)
-local changed = 0
-local old = redis.call('HGET', statuses, id) or ''
-if old ~= status then
-    if old == 'in_progress' then redis.call('HINCRBY', stats, 'pending', -1) end
-    if status == 'in_progress' then redis.call('HINCRBY', stats, 'pending', 1) end
-    if (status == 'approved' or status == 'rejected') and day ~= '' then
-        redis.call('INCR', completed)
-        redis.call('EXPIRE', completed, 8 * 86400)
-    end
-    redis.call('HSET', statuses, id, status)
-    changed = 1
-end
-local was_overdue = redis.call('ZSCORE', overdue, id)
-if status == 'in_progress' and due ~= '' then
-    redis.call('ZADD', overdue, tonumber(due), id)
-    if not was_overdue then changed = 1 end
-elseif was_overdue then
-    redis.call('ZREM', overdue, id)
-    changed = 1
-end
-return {1, changed}
-"""
-
-DASHBOARD = RESOLVE_NAMESPACE + """
-local stats = ns .. 'stats:' .. ARGV[2]
-return {redis.call('HGET', stats, 'pending') or '0',
-        redis.call('GET', stats .. ':completed:' .. ARGV[3]) or '0',
-        redis.call('ZCOUNT', ns .. 'overdue:' .. ARGV[2], '-inf', ARGV[4])}
-"""
-
-
-async def live_namespace(client: aioredis.Redis) -> str:
-    return ((await client.get(NAMESPACE_KEY)) or b"").decode()
-
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
@@ -103,23 +49,23 @@ def _day(value: str | None) -> str:
 def messages(delivery: Delivery, stats_changed: bool) -> list[tuple[str, dict[str, Any]]]:
     """The live updates one newly applied workflow event causes."""
     e = delivery.envelope
-    snapshot, tenant = e.aggregate, e.tenant_id
+    snapshot, tenant = workflow_of(e), e.tenant_id
     updated = {"workflow_id": str(e.aggregate_id), "version": e.version,
                "event_type": e.event_type, "status": snapshot.get("status"),
                "title": snapshot.get("title")}
-    out = [(f"tenant:{tenant}", {"type": "WorkflowUpdated", "payload": updated})]
+    out = [(tenant_channel(tenant), {"type": "WorkflowUpdated", "payload": updated})]
     if snapshot.get("initiator_id"):
-        out.append((f"user:{tenant}:{snapshot['initiator_id']}",
+        out.append((user_channel(tenant, snapshot["initiator_id"]),
                     {"type": "WorkflowUpdated", "payload": updated}))
-    if e.event_type == "WorkflowStepAssigned":
+    if e.event_type == EventName.WORKFLOW_STEP_ASSIGNED:
         kind = "TaskAssigned" if e.payload.get("reason") == "delegated" else "ApprovalRequested"
         task = {"workflow_id": str(e.aggregate_id), "title": snapshot.get("title"),
                 "step_id": e.payload.get("step_id"), "step_name": e.payload.get("step_name"),
                 "priority": snapshot.get("priority"), "due_date": snapshot.get("due_date")}
-        out.append((f"user:{tenant}:{e.payload['assignee_id']}",
+        out.append((user_channel(tenant, e.payload["assignee_id"]),
                     {"type": kind, "payload": task}))
     if stats_changed:
-        out.append((f"tenant:{tenant}", {"type": "StatsUpdated",
+        out.append((tenant_channel(tenant), {"type": "StatsUpdated",
                                          "payload": {"tenant_id": str(tenant)}}))
     return out
 
@@ -182,7 +128,7 @@ class CacheStore:
                      names: dict[tuple[UUID, str], str]) -> None:
         e = delivery.envelope
         tenant = e.tenant_id
-        snapshot = with_current_names(e.aggregate, lambda uid: names.get((tenant, uid)))
+        snapshot = with_current_names(workflow_of(e), lambda uid: names.get((tenant, uid)))
         args = [LIVE if self.namespace is None else self.namespace, str(tenant),
                 str(e.aggregate_id), e.version, snapshot.get("status") or "",
                 _epoch(snapshot.get("due_date")), _day(snapshot.get("completed_at")),
@@ -195,13 +141,13 @@ class CacheStore:
         for delivery in sorted(deliveries, key=lambda d: d.envelope.version):
             e = delivery.envelope
             tenant, uid = e.tenant_id, str(e.aggregate_id)
-            known = int(await self.client.hget(f"{ns}userver:{tenant}", uid) or 0)
+            known = int(await self.client.hget(user_versions_key(ns, tenant), uid) or 0)
             if e.version <= known:
                 continue
-            await self.client.hset(f"{ns}usernames:{tenant}", uid, e.aggregate["display_name"])
-            await self.client.hset(f"{ns}userver:{tenant}", uid, e.version)
-            if e.event_type == "UserRenamed":
-                async for key in self.client.scan_iter(match=f"{ns}workflow:{tenant}:*",
+            await self.client.hset(user_names_key(ns, tenant), uid, e.aggregate["display_name"])
+            await self.client.hset(user_versions_key(ns, tenant), uid, e.version)
+            if e.event_type == EventName.USER_RENAMED:
+                async for key in self.client.scan_iter(match=detail_pattern(ns, tenant),
                                                        count=500):
                     body = await self.client.get(key)
                     if body and uid.encode() in body:
@@ -210,38 +156,12 @@ class CacheStore:
     async def _current_names(self, ns: str,
                              workflows: list[Delivery]) -> dict[tuple[UUID, str], str]:
         wanted = {(d.envelope.tenant_id, uid) for d in workflows
-                  for uid in user_ids(d.envelope.aggregate)}
+                  for uid in user_ids(workflow_of(d.envelope))}
         if not wanted:
             return {}
         ordered = sorted(wanted)
         async with self.client.pipeline(transaction=False) as pipe:
             for tenant, uid in ordered:
-                pipe.hget(f"{ns}usernames:{tenant}", uid)
+                pipe.hget(user_names_key(ns, tenant), uid)
             found = await pipe.execute()
         return {key: name.decode() for key, name in zip(ordered, found, strict=True) if name}
-
-
-def user_ids(snapshot: dict[str, Any]) -> set[str]:
-    ids = {snapshot.get("initiator_id"), snapshot.get("current_assignee_id")}
-    ids.update(step.get("assignee_id") for step in snapshot.get("steps", []))
-    return {i for i in ids if i}
-
-
-def with_current_names(snapshot: dict[str, Any], name_of: Any) -> dict[str, Any]:
-    """The snapshot with every copied user name replaced by the current one."""
-    out = dict(snapshot)
-    for id_key, name_key in (("initiator_id", "initiator_name"),
-                             ("current_assignee_id", "current_assignee_name")):
-        if out.get(id_key) and (name := name_of(out[id_key])):
-            out[name_key] = name
-    out["steps"] = [{**step, "assignee_name": name_of(step["assignee_id"])
-                     or step["assignee_name"]} for step in snapshot.get("steps", [])]
-    return out
-
-
-async def dashboard(client: aioredis.Redis, tenant: UUID, now: datetime) -> dict[str, int]:
-    """The dashboard counters as the query API serves them (live namespace)."""
-    pending, completed, overdue = await client.register_script(DASHBOARD)(
-        keys=[NAMESPACE_KEY],
-        args=[LIVE, str(tenant), str(now.astimezone(UTC).date()), now.timestamp()])
-    return {"pending": int(pending), "completed_today": int(completed), "overdue": int(overdue)}

@@ -25,8 +25,14 @@ from opensearchpy.exceptions import (
 )
 
 from contract import Applied
-from projectors.projection import Announcer, Delivery, NonRetryable, Retryable, Unavailable
-from projectors.workflow_store import newest_by_aggregate
+from projectors.projection import (
+    Announcer,
+    Delivery,
+    NonRetryable,
+    Retryable,
+    Unavailable,
+    newest_by_aggregate,
+)
 
 log = logging.getLogger("ringiflow.search")
 

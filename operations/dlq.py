@@ -1,13 +1,12 @@
-"""`ringiflow dlq`: triage the sequenced dead-letter queues (SPEC §7).
+"""Triage of the sequenced dead-letter queues (`ringiflow dlq`, the console).
 
 Parked aggregates come from streams.parked_aggregates; the records themselves
 from each group's `<group>.dlq` topic. Every retry and discard is written to
-the append-only streams.operator_actions trail."""
+the operator audit trail (operations.audit)."""
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,12 +15,12 @@ from uuid import UUID
 import orjson
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from contract import CONSUMER_GROUPS, dlq_topic
 from infra import tracing
 from infra.kafka import read_from_start
 from infra.settings import ConfigError, Settings, libpq_url
+from operations.audit import record_action
 
 
 @dataclass(frozen=True)
@@ -113,17 +112,6 @@ def _matches(row: dict[str, Any], f: Filters) -> bool:
         if (f.since and at < f.since) or (f.until and at >= f.until):
             return False
     return True
-
-
-def record_action(settings: Settings, action: str, group: str | None, aggregate: UUID | None,
-                  outcome: str, reason: str | None = None,
-                  details: dict[str, Any] | None = None) -> None:
-    with psycopg.connect(libpq_url(settings.require("database_url")), autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO streams.operator_actions (operator, action, consumer_group, "
-            "aggregate_id, reason, outcome, details) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (getpass.getuser(), action, group, aggregate, reason, outcome,
-             Jsonb(orjson.loads(orjson.dumps(details or {}, default=str)))))
 
 
 def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID) -> dict[str, Any]:

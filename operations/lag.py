@@ -1,5 +1,5 @@
-"""`ringiflow lag`: per consumer group and partition, how far behind the topic's
-end it is and how long its next unprocessed event has waited (event age: a
+"""Consumer lag (`ringiflow lag`, the console): per consumer group and partition, how far
+behind the topic's end it is and how long its next unprocessed event has waited (event age: a
 stalled consumer shows a growing age even when few records arrive); plus
 parked aggregates and the outbox backlog. Exits non-zero when a
 threshold is crossed, so it can drive an alert."""

@@ -1,4 +1,5 @@
-"""workflow-projector: the PostgreSQL read models of SPEC §4.
+"""workflow-projector's writes: the PostgreSQL read models (workflows, their steps,
+history and open tasks, users, definitions).
 
 Per batch and tenant, a handful of set-based statements: workflow rows are
 upserted from each aggregate's newest snapshot only where it is newer than the
@@ -24,6 +25,7 @@ from projectors.projection import (
     NonRetryable,
     Retryable,
     Unavailable,
+    newest_by_aggregate,
     notify_applied,
 )
 
@@ -147,18 +149,6 @@ WHERE d.version < EXCLUDED.version
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}  # serialization, deadlock, lock, cancel
 
 
-def newest_by_aggregate(batch: Sequence[Delivery]) -> list[Delivery]:
-    """Only the newest event of each (tenant's) aggregate can change a
-    snapshot-based row."""
-    newest: dict[tuple[UUID, UUID], Delivery] = {}
-    for delivery in batch:
-        stream = (delivery.envelope.tenant_id, delivery.envelope.aggregate_id)
-        current = newest.get(stream)
-        if current is None or delivery.envelope.version > current.envelope.version:
-            newest[stream] = delivery
-    return list(newest.values())
-
-
 class WorkflowStore:
     """Writes `read_model` (the views over the live version) unless given the
     schema of a version being rebuilt (ADR 0005)."""
@@ -202,21 +192,6 @@ class WorkflowStore:
             if isinstance(exc, errors.DataError | errors.IntegrityError):
                 raise NonRetryable(f"{type(exc).__name__}: {exc}") from exc
             raise Retryable(f"{type(exc).__name__}: {exc}") from exc
-
-    async def reset(self, by_tenant: dict[UUID, list[UUID]]) -> None:
-        """Forget these aggregates so a replay rewrites them from scratch (a row
-        with a wrong, higher version would otherwise shadow the replay)."""
-        async with self.pool.connection() as conn, conn.transaction():
-            for tenant, ids in by_tenant.items():
-                await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)",
-                                   (str(tenant),))
-                for table, column in (("workflow_steps", "workflow_id"),
-                                      ("my_tasks", "workflow_id"),
-                                      ("workflow_history", "workflow_id"),
-                                      ("workflow_read_models", "id"), ("users", "id"),
-                                      ("definitions", "id")):
-                    await conn.execute(
-                        f"DELETE FROM {self.schema}.{table} WHERE {column} = ANY(%s)", (ids,))
 
     async def _apply_tenant(self, conn: AsyncConnection, tenant: UUID,
                             deliveries: list[Delivery]) -> None:

@@ -1,4 +1,4 @@
-"""`ringiflow rebuild <projector>`: blue/green rebuilds (ADR 0005).
+"""Blue/green rebuilds of a read model (`ringiflow rebuild <projector>`, ADR 0005).
 
 A new version of the read model -- a PostgreSQL schema, a Redis key namespace,
 an OpenSearch index -- is filled from the events table (which holds the whole
@@ -15,327 +15,41 @@ insert, not at commit) is still read. Stores are idempotent, so re-reading is
 harmless.
 
 After the cut-over one more pass copies what the live projector wrote to the
-old version in the moment before; from then on it writes the new one."""
+old version in the moment before; from then on it writes the new one.
+
+How a version is created, filled, counted, switched and dropped is the read model's own
+business (`projectors.versioned`, found through the catalogue); this module only runs
+the passes, keeps the book and decides when to switch."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-import re
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from contract import stored_envelope
-from infra.clients import opensearch_client, redis_client
-from infra.settings import Settings, libpq_url
-from projectors.cache_store import NAMESPACE_KEY, CacheStore
-from projectors.catalogue import CATALOGUE
+from infra.settings import Settings
+from projectors.catalogue import CATALOGUE, VERSIONED, versioned
 from projectors.projection import Delivery, NonRetryable, Retryable, Store
-from projectors.search_store import SearchStore, create_index
-from projectors.workflow_store import WorkflowStore
+from projectors.versioned import RefusedCutOver, VersionedStore, version_number
 
 log = logging.getLogger("ringiflow.rebuild")
 Progress = Callable[[str], None]
-READ_MODEL_TABLES = ("workflow_read_models", "workflow_steps", "workflow_history", "my_tasks",
-                     "users", "definitions")
 COLUMNS = ("position, event_id, event_type, schema_version, aggregate_type, aggregate_id, "
            "version, occurred_at, payload, aggregate, metadata")
 
 
-def _number(version: str) -> int:
-    match = re.search(r"v(\d+):?$", version)
-    return int(match.group(1)) if match else 0
-
-
-class RefusedCutOver(RuntimeError):
-    """The new version is not complete; the live one stays."""
-
-
 class RebuildFailed(RuntimeError):
     """A pass stopped; the rebuild stays resumable."""
-
-
-class Versions(ABC):
-    """How one projector's read model is versioned, built and switched."""
-
-    projector: str
-    aggregate_types: tuple[str, ...]
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.database_url = libpq_url(settings.require("database_url"))
-
-    @abstractmethod
-    async def live(self) -> str | None: ...
-
-    @abstractmethod
-    async def existing(self) -> list[str]: ...
-
-    def next_version(self, known: list[str]) -> str:
-        return self.named(max([_number(v) for v in known] or [0]) + 1)
-
-    @abstractmethod
-    def named(self, number: int) -> str: ...
-
-    @abstractmethod
-    async def create(self, target: str, live: str | None) -> None: ...
-
-    @abstractmethod
-    def store(self, target: str) -> Store: ...
-
-    @abstractmethod
-    async def count(self, target: str) -> int:
-        """Workflows the version holds (checked before it goes live)."""
-
-    @abstractmethod
-    async def cut_over(self, target: str, live: str | None) -> None: ...
-
-    @abstractmethod
-    async def drop(self, version: str) -> None: ...
-
-    async def close(self) -> None:
-        return None
-
-
-class PostgresVersions(Versions):
-    """`read_model_vN` schemas; `read_model` holds views over the live one."""
-
-    projector = "workflow-projector"
-    aggregate_types = ("workflow", "definition", "user")
-
-    def _connect(self, **kwargs: Any) -> psycopg.Connection:
-        return psycopg.connect(self.database_url, **kwargs)
-
-    async def live(self) -> str | None:
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT DISTINCT n.nspname FROM pg_rewrite r "
-                "JOIN pg_depend d ON d.objid = r.oid "
-                "JOIN pg_class c ON c.oid = d.refobjid AND c.oid <> r.ev_class "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE r.ev_class = 'read_model.workflow_read_models'::regclass").fetchone()
-        return row[0] if row else None
-
-    async def existing(self) -> list[str]:
-        with self._connect() as conn:
-            return [r[0] for r in conn.execute(
-                r"SELECT nspname FROM pg_namespace WHERE nspname ~ '^read_model_v\d+$'")]
-
-    def named(self, number: int) -> str:
-        return f"read_model_v{number}"
-
-    async def create(self, target: str, live: str | None) -> None:
-        """Same tables, indexes, row-level security and grants as the live version,
-        empty; in one transaction, so a crash leaves all of it or nothing."""
-        source = live or "read_model_v1"
-        with self._connect() as conn, conn.transaction():
-            schema = sql.Identifier(target)
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO ringiflow_projector, "
-                                 "ringiflow_query").format(schema))
-            for table in READ_MODEL_TABLES:
-                new = sql.Identifier(target, table)
-                conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
-                    new, sql.Identifier(source, table)))
-                conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(new))
-                conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(new))
-                policies = conn.execute(
-                    "SELECT policyname, permissive, roles, cmd, qual, with_check "
-                    "FROM pg_policies WHERE schemaname = %s AND tablename = %s",
-                    (source, table)).fetchall()
-                for name, permissive, roles, cmd, qual, check in policies:
-                    to = sql.SQL(", ").join(sql.SQL("PUBLIC") if r == "public"
-                                            else sql.Identifier(r) for r in roles)
-                    statement = sql.SQL("CREATE POLICY {} ON {} AS {} FOR {} TO {}").format(
-                        sql.Identifier(name), new, sql.SQL(permissive), sql.SQL(cmd), to)
-                    if qual:
-                        statement += sql.SQL(" USING ({})").format(sql.SQL(qual))
-                    if check:
-                        statement += sql.SQL(" WITH CHECK ({})").format(sql.SQL(check))
-                    conn.execute(statement)
-                conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO "
-                                     "ringiflow_projector").format(new))
-                conn.execute(sql.SQL("GRANT SELECT ON {} TO ringiflow_query").format(new))
-
-    def store(self, target: str) -> Store:
-        return WorkflowStore(self.database_url, schema=target)
-
-    async def count(self, target: str) -> int:
-        with self._connect() as conn:
-            return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                sql.Identifier(target, "workflow_read_models"))).fetchone()[0]  # type: ignore[index]
-
-    async def cut_over(self, target: str, live: str | None) -> None:
-        """Replace every view in one transaction. All six locks are taken by one
-        statement bounded below deadlock_timeout: if it collides with readers or
-        the live projector, it is this transaction that gives up (and tries
-        again), never their statements, and nobody queues behind it for long."""
-        views = sql.SQL(", ").join(sql.Identifier("read_model", t) for t in READ_MODEL_TABLES)
-        for attempt in range(40):
-            try:
-                with self._connect() as conn, conn.transaction():
-                    conn.execute("SET LOCAL statement_timeout = '300ms'")
-                    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(views))
-                    conn.execute("SET LOCAL statement_timeout = 0")
-                    for table in READ_MODEL_TABLES:
-                        conn.execute(sql.SQL(
-                            "CREATE OR REPLACE VIEW {} WITH (security_invoker = true) AS "
-                            "SELECT * FROM {}").format(sql.Identifier("read_model", table),
-                                                       sql.Identifier(target, table)))
-                return
-            except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise RefusedCutOver("could not replace the read_model views: readers or the live "
-                             "projector held them for 40 attempts; retry when quieter")
-
-    async def drop(self, version: str) -> None:
-        # RESTRICT: if the read_model views still used these tables, this fails
-        # instead of taking the views with it.
-        with self._connect() as conn, conn.transaction():
-            tables = sql.SQL(", ").join(sql.Identifier(version, t) for t in READ_MODEL_TABLES)
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} RESTRICT").format(tables))
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(
-                sql.Identifier(version)))
-
-
-class RedisVersions(Versions):
-    """Key namespaces: "" for v1, "v2:", "v3:" ...; the pointer key names the live one."""
-
-    projector = "cache-projector"
-    aggregate_types = ("workflow", "user")
-    V1_FAMILIES = ("workflow:", "wfver:", "wfstatus:", "stats:", "overdue:", "usernames:",
-                   "userver:")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.client = redis_client(settings.require("redis_url"))
-
-    @staticmethod
-    def namespace(version: str) -> str:
-        return "" if version == "v1" else f"{version}:"
-
-    def named(self, number: int) -> str:
-        return f"v{number}"
-
-    async def live(self) -> str | None:
-        pointer = ((await self.client.get(NAMESPACE_KEY)) or b"").decode()
-        return pointer.rstrip(":") or "v1"
-
-    async def existing(self) -> list[str]:
-        with psycopg.connect(self.database_url) as conn:
-            known = [r[0] for r in conn.execute(
-                "SELECT target FROM streams.rebuilds WHERE projector = %s "
-                "AND status <> 'dropped'", (self.projector,))]
-        return [*known, (await self.live()) or "v1"]
-
-    async def _delete(self, version: str) -> int:
-        patterns = [f"{f}*" for f in self.V1_FAMILIES] if version == "v1" \
-            else [f"{self.namespace(version)}*"]
-        deleted = 0
-        for pattern in patterns:
-            batch: list[bytes] = []
-            async for key in self.client.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    deleted += await self.client.unlink(*batch)
-                    batch = []
-            if batch:
-                deleted += await self.client.unlink(*batch)
-        return deleted
-
-    async def create(self, target: str, live: str | None) -> None:
-        await self._delete(target)  # keys an unrecorded earlier attempt left behind
-
-    def store(self, target: str) -> Store:
-        return CacheStore(self.settings.require("redis_url"), namespace=self.namespace(target))
-
-    async def count(self, target: str) -> int:
-        total = 0
-        async for key in self.client.scan_iter(match=f"{self.namespace(target)}wfver:*",
-                                               count=1000):
-            total += await self.client.hlen(key)
-        return total
-
-    async def cut_over(self, target: str, live: str | None) -> None:
-        if target == "v1":
-            await self.client.delete(NAMESPACE_KEY)
-        else:
-            await self.client.set(NAMESPACE_KEY, self.namespace(target))
-
-    async def drop(self, version: str) -> None:
-        await self._delete(version)
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-
-class SearchVersions(Versions):
-    """Indices `<alias>-vN`; the alias names the live one."""
-
-    projector = "search-indexer"
-    aggregate_types = ("workflow",)
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.alias = settings.search_alias
-        self.client = opensearch_client(settings.require("opensearch_url"))
-
-    def named(self, number: int) -> str:
-        return f"{self.alias}-v{number}"
-
-    async def live(self) -> str | None:
-        if not await self.client.indices.exists_alias(name=self.alias):
-            return None
-        return sorted(await self.client.indices.get_alias(name=self.alias))[0]
-
-    async def existing(self) -> list[str]:
-        pattern = f"{self.alias}-v*"
-        return list(await self.client.indices.get(index=pattern)) \
-            if await self.client.indices.exists(index=pattern) else []
-
-    async def create(self, target: str, live: str | None) -> None:
-        if await self.client.indices.exists(index=target):
-            await self.client.indices.delete(index=target)  # an unrecorded earlier attempt
-        try:
-            await create_index(self.client, target)
-        except NonRetryable as exc:  # the CLI reports RuntimeErrors as errors, exit 2
-            raise RuntimeError(str(exc)) from exc
-
-    def store(self, target: str) -> Store:
-        return SearchStore(self.settings.require("opensearch_url"), alias=target)
-
-    async def count(self, target: str) -> int:
-        await self.client.indices.refresh(index=target)
-        return int((await self.client.count(index=target))["count"])
-
-    async def cut_over(self, target: str, live: str | None) -> None:
-        current = list(await self.client.indices.get_alias(name=self.alias)) \
-            if await self.client.indices.exists_alias(name=self.alias) else []
-        actions: list[dict[str, Any]] = [{"remove": {"index": i, "alias": self.alias}}
-                                         for i in current]
-        actions.append({"add": {"index": target, "alias": self.alias}})
-        await self.client.indices.update_aliases(body={"actions": actions})
-
-    async def drop(self, version: str) -> None:
-        if await self.client.indices.exists(index=version):
-            await self.client.indices.delete(index=version)
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-VERSIONS: dict[str, type[Versions]] = {v.projector: v for v in (
-    PostgresVersions, RedisVersions, SearchVersions)}
 
 
 @dataclass
@@ -421,7 +135,7 @@ def _counts(database_url: str, aggregate_types: tuple[str, ...]) -> tuple[int, i
     return row[0], row[1]  # type: ignore[index]
 
 
-async def _pass(versions: Versions, store: Store, plan: Rebuild, book: Bookkeeping, *,
+async def _pass(versions: VersionedStore, store: Store, plan: Rebuild, book: Bookkeeping, *,
                 label: str, handles: Callable[[str], bool], progress: Progress, batch: int,
                 max_rate: float | None) -> int:
     """Apply every event not yet covered, in position order; returns how many."""
@@ -497,10 +211,11 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
                       drop_old: bool = False, progress: Progress = lambda _m: None,
                       batch: int = 1000, max_rate: float | None = None,
                       abandon: bool = False) -> Rebuild:
-    if projector not in VERSIONS:
+    versions_of = versioned(projector)
+    if versions_of is None:
         raise ValueError(f"{projector} has no versioned read model to rebuild; rebuild one "
-                         f"of {', '.join(VERSIONS)} (derived topics are re-derived by replay)")
-    versions = VERSIONS[projector](settings)
+                         f"of {', '.join(VERSIONED)} (derived topics are re-derived by replay)")
+    versions = versions_of(settings)
     book = Bookkeeping(versions.database_url, projector)
     started = time.monotonic()
     try:
@@ -567,7 +282,7 @@ async def run_rebuild(settings: Settings, projector: str, dry_run: bool = False,
         plan.seconds = round(time.monotonic() - started, 2)  # building and going live
         now_live = await versions.live()
         previous = sorted({v for v in await versions.existing()
-                           if v not in (plan.target, now_live)}, key=_number)
+                           if v not in (plan.target, now_live)}, key=version_number)
         for version in previous if drop_old else []:
             await versions.drop(version)
             book.dropped(version)

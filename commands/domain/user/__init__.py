@@ -1,0 +1,1 @@
+"""The user aggregate: a directory entry (display name, email)."""
