@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infra.embedded import free_port
 from infra.provision import embedded_system
+from infra.servers import free_port
 from infra.settings import Settings
 
 BENCH_SECRET = "benchmark-secret-0123456789abcdef0123456789"

@@ -34,9 +34,9 @@ import aiohttp
 
 from benchmarks.common import BENCH_SECRET, add_broker_flag, app_env, embedded_stack, percentile
 from infra.auth import mint_token
-from infra.embedded import free_port
 from infra.kafka import admin_client, record_consumer
 from infra.kafka import producer as kafka_producer
+from infra.servers import free_port
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 from streams.consumer import fetch_max_wait_ms

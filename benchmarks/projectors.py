@@ -32,8 +32,8 @@ import redis.asyncio as redis
 
 import contract
 from benchmarks.common import add_broker_flag, app_env, embedded_stack
-from infra.embedded import free_port
 from infra.kafka import producer, record_consumer, stop_consumer, topic_partitions_of
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
 from projectors.projection import Delivery

@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 import contract
 from benchmarks.common import add_broker_flag, app_env, embedded_stack, percentile
 from infra import kafka
-from infra.embedded import free_port
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
 from tests.events import comment_envelope
 

@@ -1,8 +1,9 @@
-"""The command API (SPEC §3): POST /api/v1/commands/...
+"""The command API: POST /api/v1/commands/... (every route is in its OpenAPI document,
+/docs).
 
-Each route validates its body, resolves what the command needs from other
-aggregates, and hands a builder to `service.execute`, which decides and
-appends in one transaction.
+The edge only: each route validates its body, builds the command context (caller,
+correlation, idempotency key) and calls the command's handler (`commands.handlers`);
+every refusal from below is mapped to problem+json here, in STATUSES.
 
 No `from __future__ import annotations` here: FastAPI must see the body types
 of the routes generated in loops as real objects, not strings."""
@@ -14,11 +15,16 @@ from typing import Annotated, Any
 from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commands import domain, openapi, schemas, store
-from commands.service import BuildCommand, CommandContext, Outcome, execute
+from commands import domain, handlers, openapi, schemas
+from commands.service import (
+    CommandContext,
+    IdempotencyKeyReused,
+    NotAllowed,
+    Outcome,
+    VersionConflict,
+)
 from contract import new_trace_id, parse_traceparent
 from infra import problems, tracing
 from infra.auth import Authenticator, Principal, authenticator
@@ -30,7 +36,6 @@ from infra.service import health_router
 from infra.settings import Settings, libpq_url
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-DIRECTORY_ROLES = {"admin", "service"}
 
 
 def command_context(request: Request, principal: Principal, body: schemas.CommandBody,
@@ -67,18 +72,22 @@ def respond(response: Response, outcome: Outcome) -> dict:
     return outcome.body
 
 
-async def user_names(conn: AsyncConnection, tenant_id: UUID, ids: set[UUID]) -> dict[UUID, str]:
-    snapshots = await store.latest_snapshots(conn, tenant_id, "user", ids)
-    return {user_id: snapshot["display_name"] for user_id, snapshot in snapshots.items()}
-
-
-def require_directory_role(principal: Principal, action: str) -> None:
-    if not DIRECTORY_ROLES & set(principal.roles):
-        raise Problem(403, "forbidden", "Not allowed",
-                      f"{action} needs the 'admin' or 'service' role; ask an administrator")
+# Every refusal below the edge, as the status it answers (most specific class first).
+STATUSES: problems.Statuses = {
+    domain.UnknownReference: (422, "Unknown reference"),
+    domain.NotFound: (404, "Not found"),
+    domain.Forbidden: (403, "Not allowed"),
+    domain.AlreadyExists: (409, "Conflict"),
+    domain.InvalidState: (409, "Conflict"),
+    domain.InvalidCommand: (422, "Command refused"),
+    VersionConflict: (409, "Version conflict"),
+    IdempotencyKeyReused: (422, "Idempotency-Key reused"),
+    NotAllowed: (403, "Not allowed"),
+}
 
 
 def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator) -> APIRouter:
+    """Parse, call the command's handler (`commands.handlers`), answer."""
     router = APIRouter(prefix="/api/v1/commands", tags=["commands"],
                        responses={401: {"description": "Missing or invalid credentials"},
                                   409: {"description": "Version conflict or invalid state"},
@@ -86,18 +95,9 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     Auth = Annotated[Principal, Depends(principal_dependency(auth))]
     IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 
-    async def run(request: Request, response: Response, principal: Principal,
-                  body: schemas.CommandBody, key: str | None, aggregate_type: str,
-                  aggregate_id: UUID, build: BuildCommand, created: bool = False) -> dict:
-        ctx = command_context(request, principal, body, key)
-        outcome = await execute(pool_of(), ctx, aggregate_type, aggregate_id, build,
-                                201 if created else 200)
-        return respond(response, outcome)
-
-    def fixed(command: domain.Command) -> BuildCommand:
-        async def build(_conn: AsyncConnection) -> domain.Command:
-            return command
-        return build
+    def ctx(request: Request, principal: Principal, body: schemas.CommandBody,
+            key: str | None) -> CommandContext:
+        return command_context(request, principal, body, key)
 
     # --- users ------------------------------------------------------------------
 
@@ -105,19 +105,16 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                  summary="RegisterUser")
     async def register_user(body: schemas.RegisterUserBody, request: Request,
                             response: Response, principal: Auth, key: IdemKey = None) -> dict:
-        require_directory_role(principal, "registering a user")
-        return await run(request, response, principal, body, key, "user",
-                         body.user_id or uuid4(),
-                         fixed(domain.RegisterUser(body.display_name, body.email)), created=True)
+        return respond(response, await handlers.register_user(
+            pool_of(), ctx(request, principal, body, key), body.user_id, body.display_name,
+            body.email))
 
     @router.post("/users/{user_id}/rename", response_model=schemas.CommandAccepted,
                  summary="RenameUser")
     async def rename_user(user_id: UUID, body: schemas.RenameUserBody, request: Request,
                           response: Response, principal: Auth, key: IdemKey = None) -> dict:
-        if principal.user_id != user_id:
-            require_directory_role(principal, "renaming another user")
-        return await run(request, response, principal, body, key, "user", user_id,
-                         fixed(domain.RenameUser(body.display_name)))
+        return respond(response, await handlers.rename_user(
+            pool_of(), ctx(request, principal, body, key), user_id, body.display_name))
 
     # --- definitions --------------------------------------------------------------
 
@@ -126,19 +123,9 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     async def create_definition(body: schemas.CreateDefinitionBody, request: Request,
                                 response: Response, principal: Auth,
                                 key: IdemKey = None) -> dict:
-        require_directory_role(principal, "creating a definition")
-
-        async def build(conn: AsyncConnection) -> domain.Command:
-            assignees = {s.assignee_id for s in body.steps}
-            missing = assignees - set(await user_names(conn, principal.tenant_id, assignees))
-            if missing:
-                raise unknown_users(missing, "steps[].assignee_id")
-            return domain.CreateDefinition(
-                body.name, tuple(domain.StepTemplate(s.name, s.assignee_id) for s in body.steps),
-                body.description)
-
-        return await run(request, response, principal, body, key, "definition", uuid4(),
-                         build, created=True)
+        return respond(response, await handlers.create_definition(
+            pool_of(), ctx(request, principal, body, key), body.name,
+            [(s.name, s.assignee_id) for s in body.steps], body.description))
 
     # --- workflows ----------------------------------------------------------------
 
@@ -147,38 +134,17 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     async def create_workflow(body: schemas.CreateWorkflowBody, request: Request,
                               response: Response, principal: Auth,
                               key: IdemKey = None) -> dict:
-        async def build(conn: AsyncConnection) -> domain.Command:
-            snapshot = (await store.latest_snapshots(
-                conn, principal.tenant_id, "definition", {body.definition_id}
-            )).get(body.definition_id)
-            if snapshot is None:
-                raise Problem(422, "unknown_reference", "Unknown definition",
-                              f"definition_id {body.definition_id} does not exist in your "
-                              "tenant; create it first (POST /api/v1/commands/definitions)")
-            steps = snapshot["steps"]
-            names = await user_names(conn, principal.tenant_id,
-                                     {UUID(s["assignee_id"]) for s in steps})
-            resolved = []
-            for step in steps:
-                assignee = UUID(step["assignee_id"])
-                if assignee not in names:
-                    raise unknown_users({assignee}, "definition step assignee")
-                resolved.append(domain.ResolvedStep(step["name"], assignee, names[assignee]))
-            return domain.CreateWorkflow(
-                definition_id=body.definition_id, definition_name=snapshot["name"],
-                steps=tuple(resolved), title=body.title, description=body.description,
-                priority=body.priority, due_date=body.due_date,
-                documents=tuple(document_info(d) for d in body.documents))
-
-        return await run(request, response, principal, body, key, "workflow", uuid4(), build,
-                         created=True)
+        return respond(response, await handlers.create_workflow(
+            pool_of(), ctx(request, principal, body, key), body.definition_id, body.title,
+            body.description, body.priority, body.due_date,
+            tuple(document_info(d) for d in body.documents)))
 
     def workflow_route(path: str, summary: str, body_type: type[schemas.CommandBody],
                        make: Callable[[Any], domain.Command]) -> None:
         async def handler(workflow_id: UUID, body: body_type, request: Request,  # type: ignore[valid-type]
                           response: Response, principal: Auth, key: IdemKey = None) -> dict:
-            return await run(request, response, principal, body, key, "workflow", workflow_id,
-                             fixed(make(body)))
+            return respond(response, await handlers.on_workflow(
+                pool_of(), ctx(request, principal, body, key), workflow_id, make(body)))
 
         router.add_api_route(f"/workflows/{{workflow_id}}{path}", handler, methods=["POST"],
                              response_model=schemas.CommandAccepted, summary=summary,
@@ -200,8 +166,9 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
         async def handler(workflow_id: UUID, step_id: UUID, body: body_type,  # type: ignore[valid-type]
                           request: Request, response: Response, principal: Auth,
                           key: IdemKey = None) -> dict:
-            return await run(request, response, principal, body, key, "workflow", workflow_id,
-                             fixed(make(step_id, body)))
+            return respond(response, await handlers.on_workflow(
+                pool_of(), ctx(request, principal, body, key), workflow_id,
+                make(step_id, body)))
 
         router.add_api_route(f"/workflows/{{workflow_id}}/steps/{{step_id}}{path}", handler,
                              methods=["POST"], response_model=schemas.CommandAccepted,
@@ -219,15 +186,9 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     async def delegate_step(workflow_id: UUID, step_id: UUID, body: schemas.DelegateBody,
                             request: Request, response: Response, principal: Auth,
                             key: IdemKey = None) -> dict:
-        async def build(conn: AsyncConnection) -> domain.Command:
-            names = await user_names(conn, principal.tenant_id, {body.delegate_to})
-            if body.delegate_to not in names:
-                raise unknown_users({body.delegate_to}, "delegate_to")
-            return domain.DelegateStep(step_id, body.delegate_to, names[body.delegate_to],
-                                       body.comment)
-
-        return await run(request, response, principal, body, key, "workflow", workflow_id,
-                         build)
+        return respond(response, await handlers.delegate_step(
+            pool_of(), ctx(request, principal, body, key), workflow_id, step_id,
+            body.delegate_to, body.comment))
 
     return router
 
@@ -237,13 +198,6 @@ def document_info(body: schemas.DocumentBody) -> domain.DocumentInfo:
         document_id=body.document_id or uuid4(), filename=body.filename,
         content_type=body.content_type, size_bytes=body.size_bytes, sha256=body.sha256,
         url=body.url)
-
-
-def unknown_users(ids: set[UUID], field: str) -> Problem:
-    listed = ", ".join(sorted(str(i) for i in ids))
-    return Problem(422, "unknown_reference", "Unknown user",
-                   f"{field}: user(s) {listed} are not registered in your tenant; register "
-                   "them first (POST /api/v1/commands/users)")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -268,7 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Commands append events to the event store and outbox in one transaction. "
         "Errors are RFC 9457 problem+json.",
     )
-    problems.install(app)
+    problems.install(app, STATUSES)
     openapi.install(app)  # problem+json errors, headers, links, docs served locally
     auth = authenticator(settings)
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=settings.max_body_bytes,

@@ -1,4 +1,6 @@
-"""Executing one command: load, decide, append — all in one transaction."""
+"""Executing one command: load, decide, append, all in one transaction. No HTTP: a
+refusal is a domain error or one of the application errors below, which the edge maps
+to problem+json (`commands.app`)."""
 
 from __future__ import annotations
 
@@ -21,17 +23,26 @@ from contract import (
 )
 from infra import tracing
 from infra.auth import Principal
-from infra.problems import Problem
+from infra.problems import AppError
 
 BuildCommand = Callable[[AsyncConnection], Awaitable[domain.Command]]
 
-DOMAIN_STATUS = {
-    domain.NotFound: 404,
-    domain.Forbidden: 403,
-    domain.AlreadyExists: 409,
-    domain.InvalidState: 409,
-    domain.InvalidCommand: 422,
-}
+
+class VersionConflict(AppError):
+    """The aggregate is not at the version the caller expected (or another command
+    changed it first); `current_version` says where it is."""
+
+    code = "version_conflict"
+
+
+class IdempotencyKeyReused(AppError):
+    code = "idempotency_key_reused"
+
+
+class NotAllowed(AppError):
+    """The caller's roles do not allow this command."""
+
+    code = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -54,13 +65,6 @@ class Outcome:
     status_code: int
     body: dict[str, Any]
     replayed: bool = False
-
-
-def to_problem(error: domain.DomainError) -> Problem:
-    status = next(s for cls, s in DOMAIN_STATUS.items() if isinstance(error, cls))
-    title = {404: "Not found", 403: "Not allowed", 409: "Conflict",
-             422: "Command refused"}[status]
-    return Problem(status, error.code, title, str(error))
 
 
 def envelopes_for(
@@ -97,14 +101,11 @@ async def execute(
             stored = await store.stored_response(conn, tenant, ctx.idempotency_key)
             if stored is not None:
                 return _replay(stored, ctx)
-        try:
-            state = await store.load(conn, tenant, aggregate_type, aggregate_id)
-            if ctx.expected_version is not None and state.version != ctx.expected_version:
-                raise _conflict(aggregate_type, aggregate_id, state.version,
-                                f"expected version {ctx.expected_version}")
-            events = domain.decide(await build(conn), state, actor, utcnow())
-        except domain.DomainError as exc:
-            raise to_problem(exc) from None
+        state = await store.load(conn, tenant, aggregate_type, aggregate_id)
+        if ctx.expected_version is not None and state.version != ctx.expected_version:
+            raise _conflict(aggregate_type, aggregate_id, state.version,
+                            f"expected version {ctx.expected_version}")
+        events = domain.decide(await build(conn), state, actor, utcnow())
         envelopes = envelopes_for(state, events, ctx)
         result = {
             "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
@@ -142,19 +143,15 @@ def response_body(result: dict[str, Any]) -> dict[str, Any]:
 
 def _replay(stored: store.StoredResponse, ctx: CommandContext) -> Outcome:
     if stored.request_hash != ctx.request_hash:
-        raise Problem(
-            422, "idempotency_key_reused", "Idempotency-Key reused",
+        raise IdempotencyKeyReused(
             f"Idempotency-Key {ctx.idempotency_key!r} was first used for a different request; "
-            "use a new key for a new request",
-        )
+            "use a new key for a new request")
     return Outcome(stored.status_code, response_body(stored.body),
                    replayed=True)
 
 
-def _conflict(aggregate_type: str, aggregate_id: UUID, current: int, why: str) -> Problem:
-    return Problem(
-        409, "version_conflict", "Version conflict",
+def _conflict(aggregate_type: str, aggregate_id: UUID, current: int,
+              why: str) -> VersionConflict:
+    return VersionConflict(
         f"{aggregate_type} {aggregate_id} is at version {current} ({why}); reload it and "
-        "retry with expected_version set to the current version",
-        current_version=current,
-    )
+        "retry with expected_version set to the current version", current_version=current)

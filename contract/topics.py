@@ -44,7 +44,7 @@ TOPICS: tuple[Topic, ...] = (
     NOTIFICATION_COMMANDS,
 )
 
-# One consumer group per projector / processor (SPEC §4), each with its own DLQ.
+# One consumer group per projection, each with its own offsets, lag and DLQ.
 CONSUMER_GROUPS: tuple[str, ...] = (
     "workflow-projector",
     "cache-projector",

@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 from infra import jvm
-from infra.embedded import EmbeddedError, Server, _port_open, _spawn, _wait_ready, free_port
 from infra.kafka import BROKER_CONFIG
+from infra.servers import EmbeddedError, Server, free_port, port_open, spawn, wait_ready
 
 KAFKA_VERSION = "4.1.1"
 POM = jvm.POMS / "kafka.pom.xml"
@@ -136,19 +136,19 @@ def start_apache_kafka(data_dir: Path, port: int, timeout: float, runtime: jvm.J
             f"-Dkafka.logs.dir={data_dir / 'logs'}",
             "-cp", f"{classpath}/*", "kafka.Kafka", str(config)]
     log_path = data_dir / "logs" / "kafka.log"
-    process = _spawn("Apache Kafka", args, log_path, HINT, cwd=str(home))
+    process = spawn("Apache Kafka", args, log_path, HINT, cwd=str(home))
     server = Server(f"Kafka (Apache Kafka {KAFKA_VERSION})", f"127.0.0.1:{port}", process,
                     log_path, stop_signal=signal.SIGTERM)
 
     def ready() -> bool:
         from confluent_kafka.admin import AdminClient
 
-        if not _port_open(port):
+        if not port_open(port):
             return False
         admin = AdminClient({"bootstrap.servers": server.url, "socket.timeout.ms": 1000})
         return bool(admin.list_topics(timeout=1).brokers)
 
-    _wait_ready(server, ready, timeout, HINT)
+    wait_ready(server, ready, timeout, HINT)
     return server
 
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import jvm
-from infra.embedded import (
+from infra.servers import (
     EmbeddedError,
     Server,
-    _open_path_for_others,
-    _spawn,
-    _wait_ready,
     ensure_system_user,
     free_port,
+    open_path_for_others,
+    spawn,
+    wait_ready,
 )
 
 SYSTEM_USER = "ringiflow-search"
@@ -201,7 +201,7 @@ def start_opensearch_node(data_dir: Path, port: int, timeout: float, dist: Distr
     if os.geteuid() == 0:
         user = ensure_system_user(SYSTEM_USER)
         for path in (home, data_dir):
-            _open_path_for_others(path)
+            open_path_for_others(path)
         for folder in (base, logs):
             for path in [folder, *folder.rglob("*")]:
                 os.chown(path, user.pw_uid, user.pw_gid)
@@ -209,7 +209,7 @@ def start_opensearch_node(data_dir: Path, port: int, timeout: float, dist: Distr
     env = {"PATH": "/usr/bin:/bin", "HOME": str(base), "OPENSEARCH_JAVA_HOME": str(runtime.home),
            "OPENSEARCH_PATH_CONF": str(config), "LANG": "C.UTF-8"}
     log_path = data_dir / "logs" / "opensearch.log"
-    process = _spawn("OpenSearch", [str(home / "bin" / "opensearch")], log_path, HINT,
+    process = spawn("OpenSearch", [str(home / "bin" / "opensearch")], log_path, HINT,
                      env=env, cwd=str(base), **run_as)
     url = f"http://127.0.0.1:{port}"
     server = Server(f"OpenSearch ({dist.version})", url, process, log_path,
@@ -220,7 +220,7 @@ def start_opensearch_node(data_dir: Path, port: int, timeout: float, dist: Distr
         with urllib.request.urlopen(health, timeout=2) as resp:
             return resp.status == 200
 
-    _wait_ready(server, ready, timeout, HINT)
+    wait_ready(server, ready, timeout, HINT)
     return server
 
 

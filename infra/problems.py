@@ -1,9 +1,13 @@
-"""RFC 9457 problem details for every error either API returns."""
+"""RFC 9457 problem details for every error either API returns.
+
+The layers below the edge raise plain exceptions (domain errors, `AppError`s) that know
+nothing of HTTP; each API maps them to a status in one table, given to `install`."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import psycopg
 from fastapi import FastAPI, Request
@@ -14,6 +18,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("ringiflow.api")
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://ringiflow.dev/problems/"
+
+
+class AppError(Exception):
+    """An application error: what was wrong and what to do (`str(error)`), a `code` for
+    machines, and `extra` fields for the problem body. No HTTP: the edge maps its class
+    to a status (`install`)."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, detail: str, *, retry_after_s: int | None = None,
+                 **extra: Any) -> None:
+        super().__init__(detail)
+        self.retry_after_s, self.extra = retry_after_s, extra
+
+
+# An exception class -> (HTTP status, problem title); looked up along the class's MRO.
+Statuses = Mapping[type[Exception], tuple[int, str]]
+
+
+def problem_of(error: Exception, statuses: Statuses) -> Problem | None:
+    """The problem an application or domain error answers, or None if unmapped."""
+    for cls in type(error).__mro__:
+        if cls in statuses:
+            status, title = statuses[cls]
+            extra = getattr(error, "extra", {})
+            retry = getattr(error, "retry_after_s", None)
+            return Problem(status, getattr(error, "code", "error"), title, str(error),
+                           headers={"Retry-After": str(retry)} if retry else None, **extra)
+    return None
 
 
 class Problem(Exception):
@@ -44,10 +77,19 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or (str(loc[0]) if loc else "request")
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, statuses: Statuses | None = None) -> None:
+    """problem+json for every error: `Problem`s as raised, the exceptions `statuses`
+    maps (domain and application errors), validation errors, and anything unexpected."""
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request)
+
+    for error_class in statuses or {}:
+        @app.exception_handler(error_class)
+        async def on_mapped(request: Request, exc: Exception) -> JSONResponse:
+            problem = problem_of(exc, statuses or {})
+            assert problem is not None
+            return problem_response(problem, request)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     kafka_bootstrap: str | None = None
     opensearch_url: str | None = None
-    # Password of the least-privilege login roles (SPEC §6) on an external server.
+    # Password of the least-privilege login roles on an external server.
     db_role_password: SecretStr | None = None
 
     # Embedded server ports; 0 picks a free port.
@@ -203,7 +203,8 @@ class Settings(BaseSettings):
         return value
 
     def role_database_url(self, role: str) -> str:
-        """Connection URL for one of the least-privilege roles (SPEC §6)."""
+        """Connection URL for one of the least-privilege roles (each component writes
+        only its own tables)."""
         if role not in ROLES:
             raise ValueError(f"unknown database role {role!r}; expected one of {ROLES}")
         parts = urlsplit(self.require("database_url"))

@@ -1,5 +1,5 @@
 """The stream processors: audit and notification records derived from events
-onto their own topics (SPEC §4).
+onto their own topics.
 
 Delivery is at-least-once, so every derived record carries a deterministic id
 (from the event id) that its consumers deduplicate on. Notifications are side

@@ -1,4 +1,4 @@
-"""The query API (SPEC §5): GET /api/v1/queries/... over the read models, and a
+"""The query API: GET /api/v1/queries/... over the read models, and a
 WebSocket of live updates. Every read is tenant-scoped by the credential.
 
 No `from __future__ import annotations`: FastAPI reads these signatures."""
@@ -31,10 +31,18 @@ from infra.settings import Settings, libpq_url
 from projectors.cache.layout import dashboard, user_ids, with_current_names
 from query_api import openapi
 from query_api.cache import DetailCache
-from query_api.consistency import DEFAULT_WAIT_MS, Consistency, Waits, listen_applied, parse_token
+from query_api.consistency import (
+    DEFAULT_WAIT_MS,
+    Consistency,
+    InvalidConsistencyToken,
+    TooManyWaits,
+    Waits,
+    listen_applied,
+    parse_token,
+)
 from query_api.live import LiveHub, Refused, Shares, tenant_channel, user_channel
 from query_api.params import IsoDateTime
-from query_api.reads import Reads
+from query_api.reads import InvalidCursor, Reads
 
 log = logging.getLogger("ringiflow.query")
 
@@ -49,6 +57,14 @@ def json_response(body: Any, consistency: Consistency | None = None,
                   headers: dict[str, str] | None = None) -> Response:
     merged = {**(consistency.headers() if consistency else {}), **(headers or {})}
     return Response(orjson.dumps(body), media_type="application/json", headers=merged)
+
+
+# Every refusal below the edge, as the status it answers.
+STATUSES: problems.Statuses = {
+    InvalidCursor: (422, "Invalid cursor"),
+    InvalidConsistencyToken: (422, "Invalid consistency token"),
+    TooManyWaits: (429, "Too many consistency waits"),
+}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -115,7 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Read models over HTTP and WebSocket. Send a command's consistency token "
         "(X-Consistency-Token or ?after=) to read your own write; the response says whether "
         "the read model reached it (X-Consistency: reached | timeout). Errors are RFC 9457.")
-    problems.install(app)
+    problems.install(app, STATUSES)
     openapi.install(app)  # response schemas, errors, links, docs served locally
     checks = readiness_checks(settings, "query", "redis", "opensearch")
     app.include_router(health_router("query-api", checks, optional=frozenset({"redis",

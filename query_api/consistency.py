@@ -1,4 +1,4 @@
-"""Read-your-writes across hops (SPEC §5): a query that brings a command's
+"""Read-your-writes across hops: a query that brings a command's
 consistency token waits, bounded, until the read model it reads has applied
 that version of that aggregate, and says whether it got there."""
 
@@ -22,7 +22,8 @@ from prometheus_client import Histogram
 
 from contract import APPLIED_NOTIFY_CHANNEL, ConsistencyToken, parse_applied
 from infra import tracing
-from infra.problems import Problem
+from infra.problems import AppError
+from infra.retry import Backoff
 from infra.telemetry import HOP_BUCKETS
 from query_api.live import Refused, Shares
 
@@ -33,6 +34,16 @@ FIRST_READ_S = 1.0
 WAITED = Histogram("ringiflow_consistency_wait_seconds",
                    "A read's wait for its consistency token, by read model and outcome",
                    ["read_model", "outcome"], buckets=HOP_BUCKETS)
+
+
+class InvalidConsistencyToken(AppError):
+    code = "invalid_consistency_token"
+
+
+class TooManyWaits(AppError):
+    """The caller (or its tenant) holds as many consistency waits as it may."""
+
+    code = "too_many_waits"
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,7 @@ def parse_token(header: str | None, query: str | None) -> ConsistencyToken | Non
     try:
         tokens = [ConsistencyToken.decode(raw) for raw in (header, query) if raw]
     except ValueError as exc:
-        raise Problem(422, "invalid_consistency_token", "Invalid consistency token",
-                      str(exc)) from None
+        raise InvalidConsistencyToken(str(exc)) from None
     return tokens[0] if tokens else None
 
 
@@ -112,8 +122,7 @@ class Waits:
                 span.set_attribute("ringiflow.waited_ms", answer.waited_ms)
                 return answer
         except Refused as exc:
-            raise Problem(429, "too_many_waits", "Too many consistency waits", str(exc),
-                          headers={"Retry-After": "1"}) from None
+            raise TooManyWaits(str(exc), retry_after_s=1) from None
 
     async def _span(self, tenant: UUID, token: ConsistencyToken,
                     read_model: str) -> AbstractContextManager[Any]:
@@ -142,7 +151,7 @@ class Waits:
             self.redis_tenants[tenant] += 1
             if self.redis_tenants[tenant] == 1 and self.on_first is not None:
                 await self.on_first(tenant)
-        sleep = 0.01
+        polls = Backoff(0.01, poll_s).start()
         try:
             while True:
                 event.clear()  # a notification during the read below counts
@@ -159,8 +168,7 @@ class Waits:
                 if remaining <= 0:
                     return self._answer("timeout", started, token)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, sleep))
-                sleep = min(sleep * 2, poll_s)
+                    await asyncio.wait_for(event.wait(), min(remaining, polls.next()))
         finally:
             events = self.waiting.get(key)
             if events is not None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from infra.retry import Backoff
+
 log = logging.getLogger("ringiflow.query.live")
 
 Listener = Callable[[bytes], None]
@@ -129,7 +131,7 @@ class LiveHub:
         return gone
 
     async def _run(self) -> None:
-        delay = 0.5
+        reconnects = Backoff(0.5, 5.0).start()
         while True:
             try:
                 async with self.lock:
@@ -138,13 +140,13 @@ class LiveHub:
                 self.available.set()
                 message = await self.pubsub.get_message(ignore_subscribe_messages=True,
                                                         timeout=1.0)
-                delay = 0.5
+                reconnects.reset()
             except RedisError as exc:
                 self.available.clear()
+                delay = reconnects.next()
                 log.warning("live updates: Redis unavailable (%s); retrying in %.1f s", exc,
                             delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
             if message and message["type"] == "message":
                 channel = message["channel"].decode()

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from contract import ConsistencyToken
-from infra.problems import Problem
+from infra.problems import AppError
 
 SORTS = {
     "created": sql.SQL("created_at"),
@@ -29,6 +29,10 @@ LIST_COLUMNS = sql.SQL(
     "current_step_name, current_assignee_id, current_assignee_name, initiated_by_id, "
     "initiated_by_name, due_date, completed_at, created_at, updated_at, last_event_version")
 
+
+
+class InvalidCursor(AppError):
+    code = "invalid_cursor"
 
 class Reads:
     def __init__(self, pool: AsyncConnectionPool) -> None:
@@ -192,6 +196,5 @@ def decode_cursor(cursor: str, sort: str, direction: str) -> tuple[Any, UUID]:
                 raise ValueError("timestamp without time zone")
         return value, UUID(last_id)
     except (ValueError, TypeError, RecursionError, orjson.JSONDecodeError):
-        raise Problem(422, "invalid_cursor", "Invalid cursor",
-                      "cursor is not one this list returned for the same sort and direction; "
-                      "start again without a cursor") from None
+        raise InvalidCursor("cursor is not one this list returned for the same sort and "
+                            "direction; start again without a cursor") from None

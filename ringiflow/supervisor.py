@@ -13,12 +13,10 @@ supervisor, even when the supervisor itself is SIGKILLed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,21 +24,22 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.embedded import EmbeddedError, EmbeddedStack, Server, claim_port, die_with_parent
-from infra.logsafe import open_log, tighten
+from infra.embedded import EmbeddedStack
+from infra.logsafe import tighten
+from infra.processes import RESTART, STABLE_AFTER_S, Child
 from infra.provision import provision
+from infra.retry import Delays
+from infra.servers import EmbeddedError, Server, claim_port
 from infra.settings import RUNTIME_FILE, ConfigError, Settings, redact_url, write_private
-from ringiflow.components import COMPONENTS, Component
+from ringiflow.components import COMPONENTS
 
 log = logging.getLogger("ringiflow.up")
 
-INITIAL_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
-STABLE_AFTER_S = 60.0  # a child that ran this long gets its backoff reset
 SERVER_RESTART_TRIES = 5  # 1 + 2 + 4 + 8 + 16 s of backoff, then give up
 STOP_GRACE_S = 10.0
 
-# Servers the system keeps serving without (SPEC: caches, counters and search degrade).
+# Servers the system keeps serving without: caches, counters and search degrade, every
+# command and every other read keeps working (ADR 0006).
 DEGRADABLE = {"redis_url": "the dashboard counters, caches and live updates",
               "opensearch_url": "search"}
 # Processes restarted with a server: a broker may come back without the topics,
@@ -54,50 +53,10 @@ class ServerWatch:
     """Restart bookkeeping of one embedded server."""
 
     tries: int = 0
-    backoff: float = INITIAL_BACKOFF_S
+    delays: Delays = field(default_factory=RESTART.start)
     restart_at: float | None = None
     given_up: bool = False
     up_since: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Child:
-    component: Component
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen | None = None
-    started_at: float = 0.0
-    restarts: int = 0
-    backoff: float = INITIAL_BACKOFF_S
-    restart_at: float | None = None
-    held: bool = False  # stopped on purpose until the server it depends on is back
-
-    def start(self) -> None:
-        with open_log(self.log_path) as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ringiflow", "run", self.component.name],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(signal.SIGKILL),
-            )
-        self.started_at = time.monotonic()
-        self.restart_at = None
-
-    def stop(self, timeout: float = STOP_GRACE_S) -> None:
-        """SIGTERM, SIGKILL after the grace period, then SIGKILL for anything left
-        in the child's process group (the workers' Faust processes live there)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", self.component.name,
-                            timeout)
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -189,8 +148,9 @@ class Supervisor:
         for component in COMPONENTS.values():
             for instance in range(component.instances(self.settings)):
                 suffix = f"-{instance + 1}" if instance else ""
-                child = Child(component, env, self.settings.data_path / "logs"
-                              / f"{component.name}{suffix}.log")
+                child = Child(component.name,
+                              [sys.executable, "-m", "ringiflow", "run", component.name], env,
+                              self.settings.data_path / "logs" / f"{component.name}{suffix}.log")
                 child.start()
                 self.children.append(child)
 
@@ -202,14 +162,14 @@ class Supervisor:
                 assert child.process is not None
                 if child.process.poll() is not None:
                     raise EmbeddedError(
-                        f"{child.component.name} exited with code {child.process.returncode} "
+                        f"{child.name} exited with code {child.process.returncode} "
                         f"during start-up; see {child.log_path}:\n{tail(child.log_path)}"
                     )
                 # Ready, not just alive: `up` reports a system that can serve.
-                if http_ok(child.component.url(self.settings) + "/readyz"):
+                if http_ok(COMPONENTS[child.name].url(self.settings) + "/readyz"):
                     pending.remove(child)
             if time.monotonic() > deadline:
-                names = ", ".join(c.component.name for c in pending)
+                names = ", ".join(c.name for c in pending)
                 raise EmbeddedError(
                     f"{names} not ready within {self.settings.startup_timeout_s:.0f} s; "
                     f"logs in {self.settings.data_path / 'logs'}"
@@ -222,25 +182,8 @@ class Supervisor:
             if self.stopping.is_set():
                 return
         now = time.monotonic()
-        for child in self.children:
-            assert child.process is not None
-            if child.held:
-                continue
-            code = child.process.poll()
-            if code is None:
-                if now - child.started_at > STABLE_AFTER_S:
-                    child.backoff = INITIAL_BACKOFF_S
-                continue
-            if child.restart_at is None:
-                child.restart_at = now + child.backoff
-                log.error("%s exited with code %s; restarting in %.0f s (log: %s)",
-                          child.component.name, code, child.backoff, child.log_path)
-                child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
-            elif now >= child.restart_at:
-                child.restarts += 1
-                child.start()
-                log.warning("%s restarted (restart #%d)", child.component.name, child.restarts)
-                self._write_runtime(self.urls)
+        if any([child.tend(now) for child in self.children]):
+            self._write_runtime(self.urls)
 
     def _watch_server(self, key: str) -> None:
         """Restart a dead embedded server (same data, same port) with backoff, and
@@ -252,19 +195,20 @@ class Supervisor:
             return
         if server.alive():
             if watch.tries and now - watch.up_since > STABLE_AFTER_S:
-                watch.tries, watch.backoff = 0, INITIAL_BACKOFF_S
+                watch.tries = 0
+                watch.delays.reset()
             return
         if watch.restart_at is None:
             impact = (f"degraded: {DEGRADABLE[key]} unavailable meanwhile"
                       if key in DEGRADABLE else "the system waits for it")
+            delay = watch.delays.next()
             log.error("embedded %s died (code %s; log %s); restarting it in %.0f s, %s",
-                      server.name, server.process.returncode, server.log_path, watch.backoff,
-                      impact)
-            watch.restart_at = now + watch.backoff
+                      server.name, server.process.returncode, server.log_path, delay, impact)
+            watch.restart_at = now + delay
             for child in self._dependents(key):
-                log.warning("stopping %s until %s is back", child.component.name, server.name)
+                log.warning("stopping %s until %s is back", child.name, server.name)
                 child.held = True
-                child.stop()
+                child.stop(STOP_GRACE_S)
             return
         if now < watch.restart_at:
             return
@@ -275,13 +219,12 @@ class Supervisor:
             if watch.tries >= SERVER_RESTART_TRIES:
                 self._give_up(key, server, watch, exc)
                 return
-            watch.backoff = min(watch.backoff * 2, MAX_BACKOFF_S)
-            watch.restart_at = now + watch.backoff
+            delay = watch.delays.next()
+            watch.restart_at = now + delay
             log.error("embedded %s did not start again (try %d of %d): %s; next try in %.0f s",
-                      server.name, watch.tries, SERVER_RESTART_TRIES, exc, watch.backoff)
+                      server.name, watch.tries, SERVER_RESTART_TRIES, exc, delay)
             return
         watch.restart_at, watch.up_since = None, time.monotonic()
-        watch.backoff = min(watch.backoff * 2, MAX_BACKOFF_S)
         log.warning("embedded %s restarted at %s (restart #%d)", restarted.name, restarted.url,
                     watch.tries)
         if key == "kafka_bootstrap":
@@ -328,17 +271,17 @@ class Supervisor:
 
     def _dependents(self, key: str) -> list[Child]:
         names = DEPENDENTS.get(self._dependency_key(key), ())
-        return [c for c in self.children if c.component.name in names]
+        return [c for c in self.children if c.name in names]
 
     def _write_runtime(self, urls: dict[str, str]) -> None:
         runtime = {
             "pid": os.getpid(),
             "urls": urls,
             "servers": {key: server.name for key, server in self.stack.servers.items()},
-            "endpoints": {c.component.name: c.component.url(self.settings)
+            "endpoints": {c.name: COMPONENTS[c.name].url(self.settings)
                           for c in self.children},
-            "pids": {c.component.name: [p.process.pid for p in self.children
-                                        if p.component is c.component and p.process]
+            "pids": {c.name: [p.process.pid for p in self.children
+                              if p.name == c.name and p.process]
                      for c in self.children},
         }
         # Private: the owner URL in it carries the embedded PostgreSQL's password.
@@ -365,7 +308,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         for child in reversed(self.children):
-            child.stop()
+            child.stop(STOP_GRACE_S)
         self.children.clear()
         self.stack.stop()
         self.runtime_file.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """`ringiflow run workers`: one Faust worker process per projection (Faust runs
-one app, so one consumer group, per process), restarted with backoff when one
-crashes, behind one health endpoint: /healthz (alive), /readyz (every worker
-ready), /metrics (all workers' metrics)."""
+one app, so one consumer group, per process), supervised as `up` supervises its
+components (infra.processes), behind one health endpoint: /healthz (alive), /readyz
+(every worker ready), /metrics (all workers' metrics)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import httpx
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from infra.embedded import die_with_parent, free_port
-from infra.logsafe import open_log
+from infra.processes import Child
+from infra.servers import free_port
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
 
@@ -33,64 +32,40 @@ log = logging.getLogger("ringiflow.workers")
 STOP_GRACE_S = 6.0
 
 
-@dataclass
-class WorkerProcess:
-    group: str
+@dataclass(frozen=True)
+class Worker:
+    child: Child
     port: int
-    process: subprocess.Popen | None = None
-    restarts: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, settings: Settings) -> None:
-        log_path = settings.data_path / "logs" / f"worker-{self.group}.log"
-        env = {**os.environ, "RINGIFLOW_WORKERS_HOST": "127.0.0.1"}
-        with open_log(log_path) as out:  # 0600 in a 0700 dir; the worker redacts its lines
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ringiflow", "projector", self.group,
-                 "--port", str(self.port)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                # SIGKILL, not SIGTERM: a worker shutting down against a dead broker
-                # ignores SIGTERM, and would outlive `up` (nothing it holds needs a
-                # goodbye: an unacknowledged batch is redelivered). In this process's
-                # group, so whoever stops this process can sweep the group.
-                preexec_fn=die_with_parent(signal.SIGKILL, own_group=False))
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM, then SIGKILL after the grace period: bounded, whatever Faust does."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("worker %s did not stop within %.0f s; killing it", self.group,
-                            grace_s)
-                self.process.kill()
-                self.process.wait()
+def worker(group: str, settings: Settings) -> Worker:
+    port = free_port()
+    env = {**os.environ, "RINGIFLOW_WORKERS_HOST": "127.0.0.1"}
+    # In this process's group, so whoever stops `run workers` can sweep the group.
+    return Worker(Child(group, [sys.executable, "-m", "ringiflow", "projector", group,
+                                "--port", str(port)], env,
+                        settings.data_path / "logs" / f"worker-{group}.log", own_group=False),
+                  port)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    workers = [WorkerProcess(group, free_port()) for group in CATALOGUE]
+    workers = [worker(group, settings) for group in CATALOGUE]
 
     async def supervise() -> None:
-        backoff = {w.group: 1.0 for w in workers}
         while True:
             await asyncio.sleep(1.0)
-            for worker in workers:
-                if worker.process and worker.process.poll() is not None:
-                    log.error("worker %s exited with %s; restarting in %.0f s", worker.group,
-                              worker.process.returncode, backoff[worker.group])
-                    await asyncio.sleep(backoff[worker.group])
-                    backoff[worker.group] = min(backoff[worker.group] * 2, 30.0)
-                    worker.restarts += 1
-                    worker.start(settings)
+            now = time.monotonic()
+            for w in workers:
+                w.child.tend(now)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        for worker in workers:
-            worker.start(settings)
+        for w in workers:
+            w.child.start()
         task = asyncio.create_task(supervise())
         try:
             yield
@@ -98,19 +73,20 @@ def create_app(settings: Settings) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers))
+            await asyncio.gather(*(asyncio.to_thread(w.child.stop, STOP_GRACE_S)
+                                   for w in workers))
 
     app = FastAPI(title="RingiFlow workers", lifespan=lifespan)
 
     async def each(path: str) -> dict[str, httpx.Response | None]:
         async with httpx.AsyncClient(timeout=3) as client:
-            async def one(worker: WorkerProcess) -> httpx.Response | None:
+            async def one(worker: Worker) -> httpx.Response | None:
                 try:
                     return await client.get(worker.url + path)
                 except httpx.HTTPError:
                     return None
             results = await asyncio.gather(*(one(w) for w in workers))
-        return {w.group: r for w, r in zip(workers, results, strict=True)}
+        return {w.child.name: r for w, r in zip(workers, results, strict=True)}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -7,7 +7,6 @@ aggregates keep flowing. Re-driving replays the parked sequence in order."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from contract import dlq_topic
 from infra import tracing
 from infra.kafka import producer
+from infra.retry import Backoff, retry
 from infra.tracing import SpanKind
 from projectors.projection import Store
 
@@ -36,21 +36,16 @@ PARKED_READ_WHOLE = 200
 SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
-async def until_reachable(what: str, work: Callable[[], Awaitable[T]],
-                             max_delay_s: float = 5.0) -> T:
+SESSION_BACKOFF = Backoff(0.1, 5.0)
+
+
+async def until_reachable(what: str, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work`, again and again while PostgreSQL cannot be reached or drops the
     session (restart, pg_terminate_backend, failover): a store outage, to be
     waited out, never a reason for the worker to exit. Cancellation (shutdown)
     ends the wait."""
-    delay = 0.1
-    while True:
-        try:
-            return await work()
-        except SESSION_LOST as exc:
-            log.warning("%s: PostgreSQL session lost (%s: %s); retrying in %.1f s", what,
-                        type(exc).__name__, str(exc).strip()[:200], delay)
-            await asyncio.sleep(delay)
-            delay = min(max_delay_s, delay * 2)
+    return await retry(work, retry_on=SESSION_LOST, backoff=SESSION_BACKOFF,
+                       what=f"{what} (PostgreSQL session lost)", log=log)
 
 
 class AnyRecord(Protocol):

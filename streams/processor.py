@@ -7,7 +7,8 @@ are retried with bounded exponential backoff -- for as long as it takes when
 the store itself is unreachable -- and a batch that fails for good is split
 until the events that fail are isolated, dead-lettered and their aggregates
 parked, while every other event is applied. Only then does the batch count as
-processed, so the consumer may commit its offsets."""
+processed, so the consumer may commit its offsets. Retrying and tracing the store's
+writes are wrappers (streams.wrappers)."""
 
 from __future__ import annotations
 
@@ -22,17 +23,16 @@ from uuid import UUID
 from prometheus_client import Counter, Gauge, Histogram
 
 import contract
-from infra import tracing
 from infra.telemetry import HOP_BUCKETS, observe_many
-from projectors.projection import Delivery, NonRetryable, Projection, Retryable, Unavailable
+from projectors.projection import Delivery, NonRetryable, Projection, Retryable
 from streams.deadletters import AnyRecord, DeadLetters, Failure, header
+from streams.wrappers import Retrying, RetryPolicy, Traced
 
 log = logging.getLogger("ringiflow.streams")
 
 PROCESSED = Counter("ringiflow_events_processed_total", "Events applied", ["group"])
 SKIPPED = Counter("ringiflow_events_skipped_total", "Events this projection ignores", ["group"])
 FAILED = Counter("ringiflow_events_failed_total", "Events dead-lettered", ["group", "reason"])
-RETRIES = Counter("ringiflow_store_retries_total", "Store writes retried", ["group"])
 PARKED = Gauge("ringiflow_parked_aggregates", "Aggregates waiting behind a dead letter",
                ["group"])
 PARKED_OVER_CAP = Gauge("ringiflow_parked_over_cap",
@@ -48,22 +48,17 @@ REPLAY_HEADER = "ringiflow-replay"
 
 
 @dataclass
-class RetryPolicy:
-    attempts: int = 5
-    base_s: float = 0.1
-    max_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.base_s * 2 ** (attempt - 1))
-
-
-@dataclass
 class Processor:
     projection: Projection
     dead_letters: DeadLetters
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     parked_cap: int = 1000
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        # Retried and traced around the projection's own store (streams.wrappers).
+        self.store = Retrying(Traced(self.projection.store, self.group), self.group,
+                              self.policy, self.stop)
 
     @property
     def group(self) -> str:
@@ -140,7 +135,7 @@ class Processor:
             return []
         first = datetime.now(UTC)
         try:
-            await self._with_retries([d for _, d in items])
+            await self.store.apply([d for _, d in items])
             PROCESSED.labels(self.group).inc(len(items))
             return []
         except (NonRetryable, Retryable) as exc:
@@ -157,32 +152,6 @@ class Processor:
                 continue
             failures += await self._apply([(record, delivery)])
         return failures
-
-    async def _with_retries(self, batch: list[Delivery]) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with tracing.tracer.start_as_current_span(
-                        f"write {self.group}", attributes={
-                            "ringiflow.consumer_group": self.group, "ringiflow.attempt": attempt,
-                            "messaging.batch.message_count": len(batch)}):
-                    await self.projection.store.apply(batch)
-                return
-            except Unavailable as exc:
-                if self.stop.is_set():
-                    raise
-                delay = self.policy.delay(min(attempt, 10))
-                log.warning("%s: store unavailable (%s); retrying in %.1f s", self.group,
-                            exc, delay)
-            except Retryable as exc:
-                if attempt >= self.policy.attempts:
-                    raise
-                delay = self.policy.delay(attempt)
-                log.warning("%s: retryable failure (%s); attempt %d of %d in %.2f s",
-                            self.group, exc, attempt + 1, self.policy.attempts, delay)
-            RETRIES.labels(self.group).inc()
-            await asyncio.sleep(delay)
 
     async def _check_cap(self) -> None:
         count = await self.dead_letters.count()

@@ -3,10 +3,10 @@
 after the processor has applied or dead-lettered every event of the batch, so
 Faust can only commit offsets of events that live somewhere.
 
-Faust acks an event whose agent raised (LESSONS #2); here the agent never
-raises for an event: errors are the processor's business. Its web server
-serves /healthz, /readyz and /metrics: per-partition lag, event age, counters,
-and a flag for a partition that has lag but stopped advancing."""
+Faust acks an event whose agent raised ("acked and not processed again", its agents
+guide); here the agent never raises for an event: errors are the processor's business.
+Its web server serves /healthz, /readyz and /metrics: per-partition lag, event age,
+counters, and a flag for a partition that has lag but stopped advancing."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from projectors.catalogue import CATALOGUE
 from streams.batching import batches
 from streams.consumer import ProjectorApp, fetch_max_wait_ms
 from streams.deadletters import AnyRecord, DeadLetters, header
-from streams.processor import Processor, RetryPolicy
+from streams.processor import Processor
+from streams.wrappers import RetryPolicy
 
 log = logging.getLogger("ringiflow.worker")
 

@@ -35,7 +35,7 @@ Check = Callable[[Doc], list[str]]
 INFRA = frozenset({"kafka", "postgres", "redis", "opensearch"})
 APP = frozenset({"init", "command-api", "query-api", "relay", "workers"})
 ONE_SHOT = "init"
-# The `ringiflow` verbs a container may run (SPEC §7); `run` takes any component.
+# The `ringiflow` verbs a container may run (the CLI's fixed verbs); `run` takes any component.
 RINGIFLOW_VERBS = frozenset(
     {("migrate",), ("topics", "ensure")} | {("run", name) for name in COMPONENTS}
 )

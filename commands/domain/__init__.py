@@ -46,6 +46,7 @@ from commands.domain.common import (
     InvalidState,
     NotFound,
     Payload,
+    UnknownReference,
 )
 from commands.domain.definition.commands import CreateDefinition
 from commands.domain.definition.decide import DECIDERS as DEFINITION_DECIDERS
@@ -168,7 +169,8 @@ __all__ = [
     "DocumentInfo", "DomainError", "DomainEvent", "EventName", "Forbidden", "InvalidCommand",
     "InvalidState", "NotFound", "Payload", "Priority", "RegisterUser", "RejectStep",
     "RenameUser", "RequestChanges", "ResolvedStep", "ResubmitWorkflow", "StepState",
-    "StepStatus", "StepTemplate", "SubmitWorkflow", "UserState", "WorkflowState",
+    "StepStatus", "StepTemplate", "SubmitWorkflow", "UnknownReference", "UserState",
+    "WorkflowState",
     "WorkflowStatus", "decide", "definition", "evolve", "fold", "initial_state",
     "resolve_steps", "user", "workflow",
 ]

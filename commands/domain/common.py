@@ -34,6 +34,12 @@ class NotFound(DomainError):
     code = "not_found"
 
 
+class UnknownReference(NotFound):
+    """The command names another aggregate that does not exist (in this tenant)."""
+
+    code = "unknown_reference"
+
+
 class AlreadyExists(DomainError):
     code = "already_exists"
 

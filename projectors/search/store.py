@@ -25,6 +25,7 @@ from opensearchpy.exceptions import (
 )
 
 from contract import Applied
+from infra.retry import Backoff
 from projectors.projection import (
     Announcer,
     Delivery,
@@ -85,7 +86,7 @@ class Refresher:
     batches of one; here refreshes coalesce as the rate grows, and an idle indexer
     still refreshes right after its bulk (ADR 0009)."""
 
-    RETRY_S = 0.5
+    RETRY = Backoff(0.5, 5.0)
     CLOSE_WITHIN_S = 5.0
 
     def __init__(self, client: AsyncOpenSearch, alias: str, announce: Announcer) -> None:
@@ -102,6 +103,7 @@ class Refresher:
             self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        retries = self.RETRY.start()
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -112,8 +114,9 @@ class Refresher:
                 log.warning("refresh of %s failed (%s); trying again", self.alias, exc)
                 self.pending[:0] = covered
                 self.wake.set()
-                await asyncio.sleep(self.RETRY_S)
+                await asyncio.sleep(retries.next())
                 continue
+            retries.reset()
             await self.announce(covered)
             if self.closing and not self.pending:
                 return

@@ -19,14 +19,9 @@ from uuid import UUID
 import pytest
 
 from infra import jvm, kafka_broker, opensearch_node
-from infra.embedded import (
-    EmbeddedError,
-    choose_kafka,
-    choose_opensearch,
-    free_port,
-    start_broker,
-)
+from infra.embedded import choose_kafka, choose_opensearch, start_broker
 from infra.kafka import ensure_topics, producer, read_from_start
+from infra.servers import EmbeddedError, free_port
 from infra.settings import Settings
 from tests.helpers import up_fails_fast
 

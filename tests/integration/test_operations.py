@@ -105,7 +105,8 @@ async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
     from projectors.projection import Projection
     from projectors.workflows.store import WorkflowStore
     from streams.deadletters import DeadLetters
-    from streams.processor import Processor, RetryPolicy
+    from streams.processor import Processor
+    from streams.wrappers import RetryPolicy
     from tests.integration.test_streams import Flaky, records_of
 
     world = build_world(workflows=6)
@@ -645,7 +646,7 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
     fresh_db: Settings, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two races the passes exist for: (1) an event whose transaction commits
-    after a higher position was read (positions are taken at insert, LESSONS #1);
+    after a higher position was read (positions are taken at insert, not at commit);
     (2) an event the live projector applies to the old version just before the
     cut-over. Both must be in the new version."""
     import psycopg

@@ -22,7 +22,8 @@ import websockets
 
 from infra import db
 from infra.auth import mint_token
-from infra.embedded import _pg_bin, free_port, pg_cluster_dir, start_postgres
+from infra.embedded_postgres import _pg_bin, pg_cluster_dir, start_postgres
+from infra.servers import free_port
 from infra.settings import (
     PG_PASSWORD_FILE,
     PG_ROLE_PASSWORD_FILE,
@@ -230,7 +231,7 @@ def test_a_data_dir_an_older_version_left_trusting_is_upgraded_and_keeps_its_dat
 
 
 def test_a_lost_password_file_is_named_not_replaced(tmp_path: Path) -> None:
-    from infra.embedded import EmbeddedError
+    from infra.servers import EmbeddedError
 
     data_dir, port = tmp_path / "data", free_port()
     start_postgres(data_dir, port, timeout=60, fsync=False).stop()

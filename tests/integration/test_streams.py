@@ -15,7 +15,7 @@ from aiokafka.structs import ConsumerRecord
 from psycopg_pool import AsyncConnectionPool
 
 import contract
-from infra.embedded import start_redis
+from infra.embedded_wheels import start_redis
 from infra.kafka import read_from_start
 from infra.settings import Settings, libpq_url
 from projectors.cache.layout import dashboard
@@ -23,7 +23,8 @@ from projectors.cache.store import CacheStore
 from projectors.projection import Delivery, NonRetryable, Projection, Store
 from projectors.workflows.store import WorkflowStore
 from streams.deadletters import DeadLetters, Record, redrive
-from streams.processor import Processor, RetryPolicy
+from streams.processor import Processor
+from streams.wrappers import RetryPolicy
 from tests.conftest import free_port
 from tests.scenarios import build_world
 

@@ -1,5 +1,5 @@
 """The event contract: envelope rules, codec round trip, headers, upcasting,
-and the topic catalogue of SPEC §2."""
+and the topic catalogue."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pure domain (SPEC §3): every transition, every refusal, fold/decide round trips,
+"""The pure domain: every transition, every refusal, fold/decide round trips,
 JSON-safe payloads and snapshots, and that decide never touches its inputs."""
 
 from __future__ import annotations

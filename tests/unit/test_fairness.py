@@ -19,8 +19,9 @@ from contract import (
     parse_applied,
 )
 from infra.edge import json_depth_exceeds
-from infra.problems import Problem
-from query_api.consistency import Waits
+from infra.problems import problem_of
+from query_api.app import STATUSES
+from query_api.consistency import TooManyWaits, Waits
 from query_api.live import Refused, Shares
 
 TOKEN = ConsistencyToken(AggregateType.WORKFLOW, uuid4(), 3)
@@ -110,9 +111,11 @@ async def test_too_many_waits_of_one_user_are_429() -> None:
 
     first = asyncio.create_task(waits.wait(tenant, user, TOKEN, never, 500, "workflow_list"))
     await asyncio.sleep(0.05)
-    with pytest.raises(Problem) as refused:
+    with pytest.raises(TooManyWaits) as refused:
         await waits.wait(tenant, user, TOKEN, never, 500, "workflow_list")
-    assert refused.value.status == 429 and "limit 1" in refused.value.detail
+    problem = problem_of(refused.value, STATUSES)  # as the query API answers it
+    assert problem is not None and problem.status == 429 and "limit 1" in problem.detail
+    assert problem.headers == {"Retry-After": "1"}
     assert (await waits.wait(tenant, uuid4(), TOKEN, never, 0, "workflow_list")).status == "timeout"
     assert (await first).status == "timeout"
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import ClassVar
 from uuid import UUID
 
-from commands.domain.common import NotFound
+from commands.domain.common import UnknownReference
 from commands.domain.definition.state import DefinitionState
 from contract import Priority
 
@@ -120,16 +120,15 @@ def resolve_steps(
 ) -> tuple[ResolvedStep, ...]:
     """Turn a definition's steps into CreateWorkflow.steps, given assignee display names."""
     if definition.version == 0:
-        raise NotFound(
-            f"definition {definition.id} does not exist; create it with CreateDefinition first"
-        )
+        raise UnknownReference(
+            f"definition_id {definition.id} does not exist; create it with CreateDefinition "
+            "first")
     resolved = []
     for step in definition.steps:
         name = user_names.get(step.assignee_id)
         if name is None:
-            raise NotFound(
-                f"user {step.assignee_id}, assignee of step {step.name!r} of definition "
-                f"{definition.name!r}, is not registered; register the user first"
-            )
+            raise UnknownReference(
+                f"definition step assignee: user {step.assignee_id} of step {step.name!r} of "
+                f"definition {definition.name!r} is not registered; register the user first")
         resolved.append(ResolvedStep(step.name, step.assignee_id, name))
     return tuple(resolved)

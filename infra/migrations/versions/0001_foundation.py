@@ -30,7 +30,8 @@ CREATE TABLE event_store.events (
     schema_version  integer     NOT NULL DEFAULT 1,
     occurred_at     timestamptz NOT NULL,
     recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    -- Commit order is not id order (LESSONS #1); readers that tail the log use this.
+    -- Commit order is not id order (a transaction can commit after one with a higher
+    -- id); readers that tail the log use this.
     transaction_id  xid8        NOT NULL DEFAULT pg_current_xact_id(),
     payload         jsonb       NOT NULL,
     aggregate       jsonb       NOT NULL,
@@ -176,7 +177,7 @@ CREATE TABLE event_store.idempotency_keys (
 );
 CREATE INDEX idempotency_keys_created ON event_store.idempotency_keys (created_at);
 
--- Read models (SPEC §4; columns of seed 004 §15.2.3).
+-- Read models (ADR 0004).
 CREATE TABLE read_model.workflow_read_models (
     id                    uuid PRIMARY KEY,
     tenant_id             uuid         NOT NULL,

@@ -26,7 +26,8 @@ def upgrade() -> None:
             autovacuum_analyze_scale_factor = 0.0, autovacuum_analyze_threshold = 5000);
 
         -- One notification per appending statement wakes idle relays at once; they
-        -- also poll, because a notification can be missed (LESSONS #9).
+        -- also poll, because a notification can be missed (one sent while the listener
+        -- reconnects is lost).
         CREATE FUNCTION event_store.notify_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             PERFORM pg_notify('ringiflow_outbox', '');

@@ -1,0 +1,187 @@
+"""What every embedded server shares: how it is started (a child with a parent-death
+signal and a private log), waited for, stopped and told apart from a busy port, and the
+system users the servers that refuse root run as.
+
+Every server is started with a parent-death signal, so even a SIGKILLed `ringiflow up`
+leaves no orphan behind."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.logsafe import open_log
+from infra.settings import (
+    ConfigError,
+)
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700
+
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not start; the message says why and what to do."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM, own_group: bool = True,
+                    umask: int = PRIVATE_UMASK) -> Callable[[], None]:
+    """For preexec_fn. The signal fires when the *thread* that spawned the child ends,
+    not only its process: start long-lived servers from a thread that outlives them.
+    `own_group`: the child leads a process group of its own (Ctrl-C in the terminal
+    reaches only the supervisor, and its parent can kill the whole group).
+    `umask`: what the child (and its children) create, logs included, is private to
+    its user."""
+    def preexec() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+        os.umask(umask)
+        if own_group:
+            os.setpgrp()
+
+    return preexec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def claim_port(port: int, setting: str) -> int:
+    """A configured port must be free; 0 means any free port."""
+    if port == 0:
+        return free_port()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(
+                f"port {port} set by {setting} is already in use; stop whatever listens "
+                f"there (`ss -ltnp 'sport = :{port}'`) or set {setting}=0 for a free port"
+            ) from None
+    return port
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+def spawn(name: str, args: list[str], log_path: Path, hint: str,
+           **kwargs: object) -> subprocess.Popen:
+    log_file = open_log(log_path)
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(kwargs.pop("death_signal", signal.SIGTERM)),  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except OSError as exc:
+        raise EmbeddedError(f"cannot start embedded {name} ({args[0]}): {exc}; {hint}") from exc
+    finally:
+        log_file.close()
+
+
+def wait_ready(server: Server, check: Callable[[], bool], timeout: float, hint: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise EmbeddedError(
+                f"embedded {server.name} exited with code {server.process.returncode} during "
+                f"start-up; its log ({server.log_path}) ends with:\n{server.log_tail()}\n{hint}"
+            )
+        try:
+            if check():
+                return
+        except EmbeddedError:  # what waiting cannot fix (e.g. a wrong password)
+            server.stop()
+            raise
+        except Exception as exc:
+            log.debug("%s not ready yet: %s", server.name, exc)
+        time.sleep(0.1)
+    server.stop()
+    raise EmbeddedError(
+        f"embedded {server.name} was not ready within {timeout:.0f} s "
+        f"(RINGIFLOW_STARTUP_TIMEOUT_S); "
+        f"log {server.log_path}:\n{server.log_tail()}\n{hint}"
+    )
+
+
+def ensure_system_user(name: str) -> pwd.struct_passwd:
+    """An unprivileged user for a server that refuses to run as root."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise EmbeddedError(f"cannot create the system user {name} the embedded servers "
+                                f"run as: {result.stderr.strip()}") from None
+        return pwd.getpwnam(name)
+
+
+def open_path_for_others(path: Path) -> None:
+    """Let the unprivileged postgres user traverse to its binaries and data."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
