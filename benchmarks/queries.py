@@ -26,6 +26,7 @@ from benchmarks.common import (
     median,
     summary,
 )
+from contract import EventName
 from infra.auth import mint_token
 from infra.settings import Settings, libpq_url
 from projectors.projection import Delivery
@@ -42,8 +43,8 @@ async def seed(settings: Settings, workflows: int) -> tuple[str, list[str], str]
     await store.start()
     await store.apply([Delivery(e) for e in world.events])
     await store.close()
-    ids = [str(e.aggregate_id) for e in world.events if e.event_type == "WorkflowCreated"]
-    user = next(e.aggregate_id for e in world.events if e.event_type == "UserRegistered")
+    ids = [str(e.aggregate_id) for e in world.events if e.event_type == EventName.WORKFLOW_CREATED]
+    user = next(e.aggregate_id for e in world.events if e.event_type == EventName.USER_REGISTERED)
     token = mint_token(BENCH_SECRET, tenant_id=world.tenant_id, user_id=user, name="bench",
                        roles=["user"])
     return token, ids, str(world.tenant_id)

@@ -229,10 +229,9 @@ def document_health(spec: Spec) -> None:
 def drop_unused_schemas(spec: Spec) -> None:
     """FastAPI's HTTPValidationError / ValidationError, once nothing refers to them."""
     schemas = spec.get("components", {}).get("schemas", {})
-    unused = {"HTTPValidationError", "ValidationError"}
-    rest = json.dumps({"paths": spec.get("paths", {}),
-                       "schemas": {k: v for k, v in schemas.items() if k not in unused}})
-    for name in unused:
+    for name in ("HTTPValidationError", "ValidationError"):  # the first refers to the second
+        rest = json.dumps({"paths": spec.get("paths", {}),
+                           "schemas": {k: v for k, v in schemas.items() if k != name}})
         if f'"#/components/schemas/{name}"' not in rest:
             schemas.pop(name, None)
 

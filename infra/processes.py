@@ -19,7 +19,7 @@ from pathlib import Path
 
 from infra.logsafe import open_log
 from infra.retry import Backoff, Delays
-from infra.servers import die_with_parent
+from infra.servers import die_with_parent, stop_within
 
 log = logging.getLogger("ringiflow.processes")
 
@@ -63,14 +63,7 @@ class Child:
         its own process group (the workers' Faust processes live in `run workers`')."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
-                self.process.kill()
-                self.process.wait()
+        stop_within(self.process, self.name, grace_s)
         if self.own_group:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)

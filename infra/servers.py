@@ -100,15 +100,21 @@ class Server:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(self.stop_signal)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
-            self.process.kill()
-            self.process.wait()
+        stop_within(self.process, self.name, timeout, self.stop_signal)
+
+
+def stop_within(process: subprocess.Popen, name: str, grace_s: float,
+                sig: int = signal.SIGTERM) -> None:
+    """`sig`, then SIGKILL once the grace period is over: bounded, whatever it does."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s; killing it", name, grace_s)
+        process.kill()
+        process.wait()
 
 
 def spawn(name: str, args: list[str], log_path: Path, hint: str,

@@ -15,7 +15,7 @@ import orjson
 from confluent_kafka import KafkaException
 from opentelemetry.trace import Status, StatusCode
 
-from contract import AUDIT_EVENTS, NOTIFICATION_COMMANDS
+from contract import AUDIT_EVENTS, NOTIFICATION_COMMANDS, EventName, workflow_of
 from infra import tracing
 from infra.kafka import producer
 from infra.tracing import SpanKind
@@ -40,13 +40,13 @@ def audit_records(delivery: Delivery) -> list[Derived]:
 
 def notification_records(delivery: Delivery) -> list[Derived]:
     e = delivery.envelope
-    snapshot, payload = e.aggregate, e.payload
+    snapshot, payload = workflow_of(e), e.payload
     wanted: list[tuple[str, str]] = []  # (recipient, kind)
-    if e.event_type == "WorkflowStepAssigned":
+    if e.event_type == EventName.WORKFLOW_STEP_ASSIGNED:
         wanted.append((payload["assignee_id"], "ApprovalRequested"))
-    elif e.event_type in ("WorkflowApproved", "WorkflowRejected"):
+    elif e.event_type in (EventName.WORKFLOW_APPROVED, EventName.WORKFLOW_REJECTED):
         wanted.append((snapshot["initiator_id"], e.event_type))
-    elif e.event_type == "WorkflowStepCompleted" and \
+    elif e.event_type == EventName.WORKFLOW_STEP_COMPLETED and \
             payload.get("decision") == "changes_requested":
         wanted.append((snapshot["initiator_id"], "ChangesRequested"))
     out = []

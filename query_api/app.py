@@ -414,7 +414,8 @@ def contract_router() -> APIRouter:
         return Response(orjson.dumps(schemas.asyncapi()), media_type="application/json")
 
     @router.get("/schemas/events/{event_type}.json", summary="JSON Schema of one event type",
-                responses={404: {"description": "No such event type"}})
+                responses={404: {"description": "No such event type"},
+                           422: {"description": "Invalid request (problem+json)"}})
     async def event_schema(event_type: str) -> Response:
         found = schemas.event_schemas().get(event_type)
         if found is None:

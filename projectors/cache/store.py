@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract import EventName, workflow_of
+from contract import EventName, user_of, workflow_of
 from projectors.cache.layout import (
     APPLY,
     LIVE,
@@ -144,7 +144,7 @@ class CacheStore:
             known = int(await self.client.hget(user_versions_key(ns, tenant), uid) or 0)
             if e.version <= known:
                 continue
-            await self.client.hset(user_names_key(ns, tenant), uid, e.aggregate["display_name"])
+            await self.client.hset(user_names_key(ns, tenant), uid, user_of(e)["display_name"])
             await self.client.hset(user_versions_key(ns, tenant), uid, e.version)
             if e.event_type == EventName.USER_RENAMED:
                 async for key in self.client.scan_iter(match=detail_pattern(ns, tenant),

@@ -24,7 +24,7 @@ from opensearchpy.exceptions import (
     TransportError,
 )
 
-from contract import Applied
+from contract import Applied, WorkflowSnapshot, workflow_of
 from infra.retry import Backoff
 from projectors.projection import (
     Announcer,
@@ -63,7 +63,7 @@ def index_body(japanese_tokenizer: str) -> dict[str, Any]:
     }
 
 
-def document(snapshot: dict[str, Any], tenant_id: str) -> dict[str, Any]:
+def document(snapshot: WorkflowSnapshot, tenant_id: str) -> dict[str, Any]:
     return {
         "tenant_id": tenant_id, "workflow_id": snapshot["id"], "title": snapshot["title"],
         "description": snapshot.get("description") or "",
@@ -165,7 +165,7 @@ class SearchStore:
             e = delivery.envelope
             body.append({"index": {"_index": self.alias, "_id": str(e.aggregate_id),
                                    "version": e.version, "version_type": "external"}})
-            body.append(document(e.aggregate, str(e.tenant_id)))
+            body.append(document(workflow_of(e), str(e.tenant_id)))
         try:
             result = await self.client.bulk(body=body)
         except (OSConnectionError, ConnectionTimeout) as exc:

@@ -20,6 +20,7 @@ from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from contract import definition_of, user_of, workflow_of
 from projectors.projection import (
     Delivery,
     NonRetryable,
@@ -201,7 +202,7 @@ class WorkflowStore:
         if users := kinds.get("user"):
             await self._users(conn, tenant, users)
         if definitions := kinds.get("definition"):
-            rows = [d.envelope.aggregate for d in newest_by_aggregate(definitions)]
+            rows = [definition_of(d.envelope) for d in newest_by_aggregate(definitions)]
             await conn.execute(self._sql(UPSERT_DEFINITIONS),
                                {"tenant": tenant, "rows": Jsonb(rows)})
         if workflows := kinds.get("workflow"):
@@ -209,7 +210,7 @@ class WorkflowStore:
 
     async def _users(self, conn: AsyncConnection, tenant: UUID,
                      deliveries: list[Delivery]) -> None:
-        rows = [d.envelope.aggregate for d in newest_by_aggregate(deliveries)]
+        rows = [user_of(d.envelope) for d in newest_by_aggregate(deliveries)]
         cur = await conn.execute(self._sql(UPSERT_USERS),
                                  {"tenant": tenant, "rows": Jsonb(rows)})
         changed = await cur.fetchall()
@@ -223,14 +224,14 @@ class WorkflowStore:
         history = [history_row(d) for d in deliveries]
         await conn.execute(self._sql(INSERT_HISTORY), {"tenant": tenant, "rows": Jsonb(history)})
         newest = newest_by_aggregate(deliveries)
-        rows = [{"event_id": str(d.envelope.event_id), "snapshot": d.envelope.aggregate}
+        rows = [{"event_id": str(d.envelope.event_id), "snapshot": workflow_of(d.envelope)}
                 for d in newest]
         cur = await conn.execute(self._sql(UPSERT_WORKFLOWS),
                                  {"tenant": tenant, "rows": Jsonb(rows)})
         changed = [r[0] for r in await cur.fetchall()]
         if not changed:
             return  # every event was older than what the rows already show
-        snapshots = [{"id": d.envelope.aggregate["id"], "snapshot": d.envelope.aggregate}
+        snapshots = [{"id": workflow_of(d.envelope)["id"], "snapshot": workflow_of(d.envelope)}
                      for d in newest]
         params = {"tenant": tenant, "ids": changed, "rows": Jsonb(snapshots)}
         for table, insert in (("workflow_steps", REPLACE_STEPS), ("my_tasks", REPLACE_TASKS)):

@@ -176,8 +176,8 @@ class TableVersions(VersionedStore):
             newest = conn.execute(
                 "SELECT DISTINCT ON (tenant_id, aggregate_id) aggregate_type, tenant_id, "
                 "aggregate_id, version FROM event_store.events "
-                "WHERE aggregate_type IN ('user', 'definition')" + where.replace("WHERE", "AND"),
-                args).fetchall()
+                "WHERE aggregate_type IN ('user', 'definition')" + where.replace("WHERE", "AND")
+                + " ORDER BY tenant_id, aggregate_id, version DESC", args).fetchall()
         differences = compare(snapshots, actual, "row", lambda row: {
             "last_event_version": row["version"], "status": row["aggregate"]["status"],
             "title": row["aggregate"]["title"], "priority": row["aggregate"]["priority"],

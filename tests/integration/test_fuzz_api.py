@@ -151,5 +151,6 @@ def test_query_api_survives_schemathesis(system: dict[str, str], seeded: dict[st
     tenant: Tenant = seeded["tenant"]
     output = schemathesis_run(system["queries"], tenant.approver1, seeded,
                               tmp_path / "queries.xml")
-    assert "Tested: 8" in output  # six queries, /healthz and /readyz
+    # six queries, /healthz, /readyz, and the contract (/asyncapi.json, an event's schema)
+    assert "Tested: 10" in output
     assert links_covered(output) >= 6, output  # of 9 (all, typically)

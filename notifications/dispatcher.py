@@ -1,0 +1,106 @@
+"""Delivering one notification command: to whom (the recipients read model), on which
+channels (the recipient's preferences), saying what (the templates, in the recipient's
+locale), how often (the per-recipient rate limit), and what happened (the ledger)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+from infra.retry import Backoff
+from notifications.channels import Message, Permanent, Transient
+from notifications.ledger import Ledger, Recipient
+from notifications.ratelimit import RateLimit
+from notifications.templates import render
+
+log = logging.getLogger("ringiflow.notifications")
+
+
+class Channel(Protocol):
+    name: str
+
+    async def send(self, message: Message) -> None: ...
+
+
+class UnknownRecipient(Transient):
+    """The recipient's user events have not been projected yet (or never will be)."""
+
+
+@dataclass
+class Outcome:
+    sent: list[str]  # channels
+    failed: dict[str, str]  # channel -> why (permanent, or out of retries)
+
+
+class Dispatcher:
+    def __init__(self, ledger: Ledger, channels: dict[str, Channel], limit: RateLimit,
+                 backoff: Backoff = Backoff(0.2, 5.0), attempts: int = 5) -> None:
+        self.ledger, self.channels, self.limit = ledger, channels, limit
+        self.backoff, self.attempts = backoff, attempts
+
+    async def dispatch(self, command: dict[str, Any]) -> Outcome:
+        """Deliver on every channel the recipient chose that has not had it yet.
+        Retries a transient failure within the budget; a permanent failure (or one out
+        of retries) is recorded and returned, for the dead-letter queue."""
+        recipient = await self._recipient(command)
+        outcome = Outcome([], {})
+        for channel_name in recipient.channels:
+            channel = self.channels.get(channel_name)
+            notification_id = UUID(command["notification_id"])
+            address = recipient.email if channel_name == "email" else recipient.chat_webhook_url
+            if channel is None or not address:
+                await self.ledger.record(command, channel_name, "skipped", address, None, 0,
+                                         "no such channel configured" if channel is None
+                                         else f"no {channel_name} address")
+                continue
+            if await self.ledger.status(notification_id, channel_name) == "sent":
+                continue  # redelivered: it went out already
+            subject, body = render(command["type"], recipient.locale, command)
+            message = Message(str(notification_id), address, recipient.display_name, subject,
+                              body)
+            error = await self._send(channel, message, recipient)
+            if error is None:
+                await self.ledger.record(command, channel_name, "sent", address, subject, 1)
+                outcome.sent.append(channel_name)
+            else:
+                await self.ledger.record(command, channel_name, "failed", address, subject,
+                                         self.attempts, error)
+                outcome.failed[channel_name] = error
+        return outcome
+
+    async def _recipient(self, command: dict[str, Any]) -> Recipient:
+        tenant, user = UUID(command["tenant_id"]), UUID(command["user_id"])
+        delays = self.backoff.start()
+        while True:
+            recipient = await self.ledger.recipient(tenant, user)
+            if recipient is not None:
+                return recipient
+            if delays.attempts + 1 >= self.attempts:
+                raise UnknownRecipient(f"user {user} of tenant {tenant} is not known to the "
+                                       "dispatcher (no user event projected)")
+            await asyncio.sleep(delays.next())
+
+    async def _send(self, channel: Channel, message: Message,
+                    recipient: Recipient) -> str | None:
+        """None once sent; else why not."""
+        wait = self.limit.wait_s(str(recipient.user_id))
+        if wait:
+            log.info("rate limit: %s waits %.1f s", recipient.user_id, wait)
+            await asyncio.sleep(wait)
+        delays = self.backoff.start()
+        while True:
+            try:
+                await channel.send(message)
+                return None
+            except Permanent as exc:
+                return f"{type(exc).__name__}: {exc}"
+            except Transient as exc:
+                if delays.attempts + 1 >= self.attempts:
+                    return f"{type(exc).__name__} after {self.attempts} attempts: {exc}"
+                delay = delays.next()
+                log.warning("%s to %s failed for now (%s); retrying in %.1f s", channel.name,
+                            message.to_address, exc, delay)
+                await asyncio.sleep(delay)
