@@ -37,9 +37,9 @@ class Outcome:
 
 class Dispatcher:
     def __init__(self, ledger: Ledger, channels: dict[str, Channel], limit: RateLimit,
-                 backoff: Backoff = Backoff(0.2, 5.0), attempts: int = 5) -> None:
+                 backoff: Backoff | None = None, attempts: int = 5) -> None:
         self.ledger, self.channels, self.limit = ledger, channels, limit
-        self.backoff, self.attempts = backoff, attempts
+        self.backoff, self.attempts = backoff or Backoff(0.2, 5.0), attempts
 
     async def dispatch(self, command: dict[str, Any]) -> Outcome:
         """Deliver on every channel the recipient chose that has not had it yet.

@@ -13,7 +13,8 @@ DEFAULT_LOCALE = "ja"
 TEMPLATES: dict[str, dict[str, tuple[str, str]]] = {
     "ApprovalRequested": {
         "ja": ("【承認依頼】{title}", "{title} の「{step_name}」の承認をお願いします。{due}"),
-        "en": ("Approval requested: {title}", "Please decide step \"{step_name}\" of {title}.{due}"),
+        "en": ("Approval requested: {title}",
+               "Please decide step \"{step_name}\" of {title}.{due}"),
     },
     "WorkflowApproved": {
         "ja": ("【承認済】{title}", "{title} は承認されました。{comment}"),
