@@ -116,6 +116,15 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
         return respond(response, await handlers.rename_user(
             pool_of(), ctx(request, principal, body, key), user_id, body.display_name))
 
+    @router.post("/users/{user_id}/notification-preferences",
+                 response_model=schemas.CommandAccepted, summary="SetNotificationPreferences")
+    async def set_notification_preferences(
+            user_id: UUID, body: schemas.NotificationPreferencesBody, request: Request,
+            response: Response, principal: Auth, key: IdemKey = None) -> dict:
+        return respond(response, await handlers.set_notification_preferences(
+            pool_of(), ctx(request, principal, body, key), user_id, body.locale,
+            tuple(body.channels), body.chat_webhook_url))
+
     # --- definitions --------------------------------------------------------------
 
     @router.post("/definitions", status_code=201, response_model=schemas.CommandAccepted,

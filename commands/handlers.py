@@ -57,6 +57,15 @@ async def rename_user(pool: AsyncConnectionPool, ctx: CommandContext, user_id: U
     return await _run(pool, ctx, AggregateType.USER, user_id, domain.RenameUser(display_name))
 
 
+async def set_notification_preferences(
+        pool: AsyncConnectionPool, ctx: CommandContext, user_id: UUID, locale: str,
+        channels: tuple[str, ...], chat_webhook_url: str | None) -> Outcome:
+    if ctx.principal.user_id != user_id:  # anyone may choose for themselves
+        require_directory_role(ctx, "setting another user's notification preferences")
+    return await _run(pool, ctx, AggregateType.USER, user_id,
+                      domain.SetNotificationPreferences(locale, channels, chat_webhook_url))
+
+
 async def create_definition(pool: AsyncConnectionPool, ctx: CommandContext, name: str,
                             steps: list[tuple[str, UUID]], description: str | None) -> Outcome:
     """`steps`: (name, assignee id) in order."""

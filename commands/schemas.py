@@ -86,6 +86,14 @@ class RenameUserBody(CommandBody):
     display_name: Name
 
 
+class NotificationPreferencesBody(CommandBody):
+    locale: Literal["ja", "en"] = Field(description="The language of your notifications.")
+    channels: list[Literal["email", "chat"]] = Field(
+        max_length=2, description="Where to be notified; an empty list opts out.")
+    chat_webhook_url: Url | None = Field(
+        default=None, description="A Slack/Teams-compatible incoming webhook (for `chat`).")
+
+
 class StepTemplateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Name

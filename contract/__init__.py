@@ -36,7 +36,7 @@ from contract.envelope import (
     WorkflowStatus,
     utcnow,
 )
-from contract.events import EVENTS, EventName, names_of
+from contract.events import EVENTS, EventName, NotificationCommand, names_of
 from contract.registry import (
     REGISTRY,
     EventRegistry,
@@ -81,7 +81,8 @@ __all__ = [
     "TOPICS", "USER_EVENTS", "WORKFLOW_EVENTS", "AggregateType", "Applied", "CommentSnapshot",
     "ConsistencyToken", "Decision", "DefinitionSnapshot", "DocumentFields",
     "DocumentSnapshot", "EventEnvelope", "EventMetadata", "EventName", "EventRegistry",
-    "EventType", "KafkaRecord", "Priority", "Snapshot", "StepSnapshot", "StepStatus",
+    "EventType", "KafkaRecord", "NotificationCommand", "Priority", "Snapshot", "StepSnapshot",
+    "StepStatus",
     "StepTemplateSnapshot", "Topic", "UndecodableRecord", "UnknownEventType",
     "UnsupportedSchemaVersion", "Upcaster", "UserSnapshot", "WorkflowSnapshot",
     "WorkflowStatus", "all_topics", "applied_payloads", "decode_envelope", "definition_of",

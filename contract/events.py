@@ -28,6 +28,11 @@ class EventName(StrEnum):
     WORKFLOW_CANCELLED = "WorkflowCancelled"
     COMMENT_ADDED = "CommentAdded"
     DOCUMENT_ATTACHED = "DocumentAttached"
+    NOTIFICATION_PREFERENCES_SET = "NotificationPreferencesSet"
+    DOCUMENTS_FINALIZED = "DocumentsFinalized"
+    DOCUMENTS_UNFINALIZED = "DocumentsUnfinalized"
+    WORKFLOW_COMPLETED = "WorkflowCompleted"
+    WORKFLOW_COMPLETION_FAILED = "WorkflowCompletionFailed"
 
 
 # --- payloads ----------------------------------------------------------------------
@@ -157,10 +162,55 @@ class DocumentAttached(WorkflowRef, DocumentFields):
     attached_at: str
 
 
+class NotificationPreferencesSet(ActorFields):
+    user_id: str
+    locale: str  # "ja" or "en"
+    channels: list[str]  # of "email", "chat"
+    chat_webhook_url: str | None
+    set_at: str
+
+
+class ManifestEntry(TypedDict):
+    document_id: str
+    filename: str
+    sha256: str | None
+    size_bytes: int
+
+
+class DocumentsFinalized(WorkflowRef):
+    """The completion saga's first step: the documents as approved, fixed."""
+
+    manifest: list[ManifestEntry]
+    manifest_sha256: str  # over the manifest's canonical JSON
+    finalized_at: str
+
+
+class DocumentsUnfinalized(WorkflowRef):
+    """Compensation: the completion failed after the documents were finalized."""
+
+    reason: str
+    unfinalized_at: str
+
+
+class WorkflowCompleted(WorkflowRef):
+    """The completion saga ran every step (a step without an endpoint counts as skipped)."""
+
+    skipped_steps: list[str]
+    completed_at: str
+
+
+class WorkflowCompletionFailed(WorkflowRef):
+    failed_step: str
+    reason: str
+    failed_at: str
+
+
 Payload = (UserRegistered | UserRenamed | DefinitionCreated | WorkflowCreated
            | WorkflowSubmitted | WorkflowResubmitted | WorkflowStepAssigned
            | WorkflowStepCompleted | WorkflowApproved | WorkflowRejected | WorkflowCancelled
-           | CommentAdded | DocumentAttached)
+           | CommentAdded | DocumentAttached | NotificationPreferencesSet
+           | DocumentsFinalized | DocumentsUnfinalized | WorkflowCompleted
+           | WorkflowCompletionFailed)
 
 # Each event type: its aggregate and its payload's model (one row per EventName).
 EVENTS: dict[EventName, tuple[AggregateType, type]] = {
@@ -177,7 +227,29 @@ EVENTS: dict[EventName, tuple[AggregateType, type]] = {
     EventName.WORKFLOW_CANCELLED: (AggregateType.WORKFLOW, WorkflowCancelled),
     EventName.COMMENT_ADDED: (AggregateType.WORKFLOW, CommentAdded),
     EventName.DOCUMENT_ATTACHED: (AggregateType.WORKFLOW, DocumentAttached),
+    EventName.NOTIFICATION_PREFERENCES_SET: (AggregateType.USER, NotificationPreferencesSet),
+    EventName.DOCUMENTS_FINALIZED: (AggregateType.WORKFLOW, DocumentsFinalized),
+    EventName.DOCUMENTS_UNFINALIZED: (AggregateType.WORKFLOW, DocumentsUnfinalized),
+    EventName.WORKFLOW_COMPLETED: (AggregateType.WORKFLOW, WorkflowCompleted),
+    EventName.WORKFLOW_COMPLETION_FAILED: (AggregateType.WORKFLOW, WorkflowCompletionFailed),
 }
+
+
+class NotificationCommand(TypedDict):
+    """A record on ringiflow.notification.commands (key: user_id): one notification to
+    one recipient; `notification_id` is deterministic, so a redelivered or re-derived
+    command is recognised and delivered once."""
+
+    notification_id: str
+    type: str  # ApprovalRequested, WorkflowApproved, ..., WorkflowCompleted, ...
+    user_id: str
+    tenant_id: str
+    workflow_id: str
+    title: str | None
+    step_name: str | None
+    comment: str | None
+    due_date: str | None
+    caused_by: str  # the event (or saga step) that caused it
 
 
 def names_of(aggregate_type: AggregateType) -> list[EventName]:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from contract.envelope import AggregateType, EventEnvelope
-from contract.events import EVENTS
+from contract.events import EVENTS, NotificationCommand
 from contract.registry import REGISTRY
 from contract.snapshots import DefinitionSnapshot, UserSnapshot, WorkflowSnapshot
 from contract.topics import (
@@ -138,8 +138,10 @@ def asyncapi() -> dict[str, Any]:
             (AUDIT_EVENTS, "The audit processor's records, one per event.", "tenant_id"),
             (NOTIFICATION_COMMANDS, "Notifications to deliver, one per recipient.", "user_id")):
         channel, message = _channel_id(topic), topic.name.split(".")[1].capitalize() + "Record"
+        payload = _schema(NotificationCommand, "notification command") \
+            if topic is NOTIFICATION_COMMANDS else {"type": "object"}
         messages[message] = {"name": message, "contentType": "application/json",
-                             "payload": {"type": "object"}, "bindings": _key(key)}
+                             "payload": payload, "bindings": _key(key)}
         channels[channel] = {"address": topic.name, "description": summary,
                              "messages": {message: {"$ref": f"#/components/messages/{message}"}},
                              "bindings": _kafka_binding(topic)}

@@ -8,7 +8,7 @@ UUID strings; an enum-typed field holds the enum's string value."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import NotRequired, cast
 
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from here (< 3.12)
 
@@ -22,6 +22,11 @@ class UserSnapshot(TypedDict):
     email: str
     registered_at: str | None
     updated_at: str | None
+    # How the user is notified (NotificationPreferencesSet); absent in snapshots written
+    # before preferences existed: read them with their defaults.
+    locale: NotRequired[str]  # "ja" (default) or "en"
+    channels: NotRequired[list[str]]  # of "email" (default), "chat"
+    chat_webhook_url: NotRequired[str | None]
 
 
 class StepTemplateSnapshot(TypedDict):
@@ -107,6 +112,12 @@ class WorkflowSnapshot(TypedDict):
     completed_at: str | None  # approved or rejected
     cancelled_at: str | None
     cancel_reason: str | None
+    # Set by the completion saga (absent before it ran): the finalized document manifest,
+    # and how completion ended.
+    documents_finalized: NotRequired[bool]
+    manifest_sha256: NotRequired[str | None]
+    completion: NotRequired[str | None]  # "completed" | "completion_failed"
+    completion_error: NotRequired[str | None]
 
 
 Snapshot = UserSnapshot | DefinitionSnapshot | WorkflowSnapshot

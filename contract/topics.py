@@ -51,6 +51,8 @@ CONSUMER_GROUPS: tuple[str, ...] = (
     "search-indexer",
     "audit-processor",
     "notification-processor",
+    "notification-dispatcher",
+    "workflow-completion-saga",
 )
 
 

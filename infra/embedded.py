@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.embedded_postgres import start_postgres
-from infra.embedded_wheels import start_osmem, start_redis, start_tansu
+from infra.embedded_wheels import start_mailcatcher, start_osmem, start_redis, start_tansu
 from infra.servers import Server, claim_port, free_port
 from infra.settings import (
     Settings,
@@ -136,9 +136,11 @@ class EmbeddedStack:
             "redis_url": lambda _, p: start_redis(self.data_dir, p, self.timeout),
             "kafka_bootstrap": lambda c, p: start_kafka(settings, c, self.data_dir, p),
             "opensearch_url": lambda c, p: start_opensearch(settings, c, self.data_dir, p),
+            "smtp_url": lambda _, p: start_mailcatcher(self.data_dir, p, self.timeout),
         }
         ports = {"database_url": "postgres_port", "redis_url": "redis_port",
-                 "kafka_bootstrap": "kafka_port", "opensearch_url": "opensearch_port"}
+                 "kafka_bootstrap": "kafka_port", "opensearch_url": "opensearch_port",
+                 "smtp_url": "smtp_port"}
         urls: dict[str, str] = {}
         try:
             # Choose first: a wrong setting fails before any server starts.

@@ -124,3 +124,22 @@ def start_osmem(data_dir: Path, port: int, timeout: float) -> Server:
 
     wait_ready(server, ready, timeout, OPENSEARCH_HINT)
     return server
+
+
+# --- mail catcher (aiosmtpd) ------------------------------------------------------
+
+MAIL_HINT = "set RINGIFLOW_SMTP_URL to an SMTP server instead"
+
+
+def start_mailcatcher(data_dir: Path, port: int, timeout: float) -> Server:
+    """The developer's mail catcher (infra.mailcatcher), keeping mail in data_dir/mail."""
+    import sys
+
+    folder = data_dir / "mail"
+    log_path = data_dir / "logs" / "mailcatcher.log"
+    proc = spawn("mail catcher", [sys.executable, "-m", "infra.mailcatcher", "--port",
+                                  str(port), "--dir", str(folder)], log_path, MAIL_HINT)
+    server = Server("mail catcher", f"smtp://127.0.0.1:{port}", proc, log_path)
+
+    wait_ready(server, lambda: port_open(port), timeout, MAIL_HINT)
+    return server

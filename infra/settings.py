@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     redis_port: int = Field(default=0, ge=0, le=65535)
     kafka_port: int = Field(default=0, ge=0, le=65535)
     opensearch_port: int = Field(default=0, ge=0, le=65535)
+    smtp_port: int = Field(default=0, ge=0, le=65535)  # the embedded mail catcher
     # Durability costs latency; tests turn it off, `up` keeps it on.
     postgres_fsync: bool = True
     # Which embedded broker and search server `up` runs: the real ones need a JVM
@@ -105,6 +106,20 @@ class Settings(BaseSettings):
     # How long a worker that died without leaving its group keeps its partitions.
     worker_session_timeout_s: float = Field(default=10.0, ge=6, le=300)
     replay_notifications: bool = False  # send notifications for replayed events too
+
+    # Notification delivery. Unset smtp_url: `ringiflow up` starts an embedded mail
+    # catcher (kept in the data dir); smtp://user:password@host:587?starttls=true else.
+    smtp_url: str | None = None
+    smtp_sender: str = "RingiFlow <ringiflow@localhost>"
+    notification_attempts: int = Field(default=5, ge=1)  # per channel, transient failures
+    notification_timeout_s: float = Field(default=10.0, gt=0)
+    notification_rate_per_minute: float = Field(default=30.0, gt=0)  # per recipient
+    notification_burst: float = Field(default=10.0, ge=1)
+    # The completion saga's external sync, per tenant: JSON {"<tenant id>": {"url": ...,
+    # "secret": ...}}; a tenant without one has the sync step recorded as skipped.
+    completion_webhooks: dict[str, dict[str, str]] = Field(default_factory=dict)
+    saga_step_attempts: int = Field(default=5, ge=1)  # transient failures per step
+    saga_step_timeout_s: float = Field(default=10.0, gt=0)
 
     ws_heartbeat_s: float = Field(default=15.0, gt=0)
     # Fair shares of one query-API process: a flood from one user or tenant is
@@ -161,6 +176,25 @@ class Settings(BaseSettings):
     def _http_scheme(cls, value: str | None) -> str | None:
         if value and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("RINGIFLOW_OPENSEARCH_URL must look like http://host:9200")
+        return value
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_scheme(cls, value: str | None) -> str | None:
+        if value and (urlsplit(value).scheme not in ("smtp", "smtps") or
+                      not urlsplit(value).hostname):
+            raise ValueError("RINGIFLOW_SMTP_URL must look like smtp://user:pass@host:587"
+                             "?starttls=true")
+        return value
+
+    @field_validator("completion_webhooks")
+    @classmethod
+    def _webhooks(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for tenant, hook in value.items():
+            if not {"url", "secret"} <= set(hook) or not hook["url"].startswith(("http://",
+                                                                              "https://")):
+                raise ValueError(f"RINGIFLOW_COMPLETION_WEBHOOKS[{tenant!r}] needs an http(s) "
+                                 "`url` and a `secret` (the HMAC-SHA256 key)")
         return value
 
     @field_validator("kafka_bootstrap")

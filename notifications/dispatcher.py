@@ -25,8 +25,8 @@ class Channel(Protocol):
     async def send(self, message: Message) -> None: ...
 
 
-class UnknownRecipient(Transient):
-    """The recipient's user events have not been projected yet (or never will be)."""
+class UnknownRecipient(Permanent):
+    """The recipient is not a user of the tenant (the event store has no such user)."""
 
 
 @dataclass
@@ -56,36 +56,33 @@ class Dispatcher:
                                          "no such channel configured" if channel is None
                                          else f"no {channel_name} address")
                 continue
-            if await self.ledger.status(notification_id, channel_name) == "sent":
+            if await self.ledger.status(recipient_tenant(command), notification_id,
+                                        channel_name) == "sent":
                 continue  # redelivered: it went out already
             subject, body = render(command["type"], recipient.locale, command)
             message = Message(str(notification_id), address, recipient.display_name, subject,
                               body)
-            error = await self._send(channel, message, recipient)
+            error, attempts = await self._send(channel, message, recipient)
             if error is None:
-                await self.ledger.record(command, channel_name, "sent", address, subject, 1)
+                await self.ledger.record(command, channel_name, "sent", address, subject,
+                                         attempts)
                 outcome.sent.append(channel_name)
             else:
                 await self.ledger.record(command, channel_name, "failed", address, subject,
-                                         self.attempts, error)
+                                         attempts, error)
                 outcome.failed[channel_name] = error
         return outcome
 
     async def _recipient(self, command: dict[str, Any]) -> Recipient:
-        tenant, user = UUID(command["tenant_id"]), UUID(command["user_id"])
-        delays = self.backoff.start()
-        while True:
-            recipient = await self.ledger.recipient(tenant, user)
-            if recipient is not None:
-                return recipient
-            if delays.attempts + 1 >= self.attempts:
-                raise UnknownRecipient(f"user {user} of tenant {tenant} is not known to the "
-                                       "dispatcher (no user event projected)")
-            await asyncio.sleep(delays.next())
+        tenant, user = recipient_tenant(command), UUID(command["user_id"])
+        recipient = await self.ledger.recipient(tenant, user)
+        if recipient is None:
+            raise UnknownRecipient(f"user {user} is not registered in tenant {tenant}")
+        return recipient
 
     async def _send(self, channel: Channel, message: Message,
-                    recipient: Recipient) -> str | None:
-        """None once sent; else why not."""
+                    recipient: Recipient) -> tuple[str | None, int]:
+        """(None once sent, else why not; the attempts it took)."""
         wait = self.limit.wait_s(str(recipient.user_id))
         if wait:
             log.info("rate limit: %s waits %.1f s", recipient.user_id, wait)
@@ -94,13 +91,18 @@ class Dispatcher:
         while True:
             try:
                 await channel.send(message)
-                return None
+                return None, delays.attempts + 1
             except Permanent as exc:
-                return f"{type(exc).__name__}: {exc}"
+                return f"{type(exc).__name__}: {exc}", delays.attempts + 1
             except Transient as exc:
                 if delays.attempts + 1 >= self.attempts:
-                    return f"{type(exc).__name__} after {self.attempts} attempts: {exc}"
+                    return (f"{type(exc).__name__} after {self.attempts} attempts: {exc}",
+                            self.attempts)
                 delay = delays.next()
                 log.warning("%s to %s failed for now (%s); retrying in %.1f s", channel.name,
                             message.to_address, exc, delay)
                 await asyncio.sleep(delay)
+
+
+def recipient_tenant(command: dict[str, Any]) -> UUID:
+    return UUID(command["tenant_id"])

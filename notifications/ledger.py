@@ -1,36 +1,30 @@
-"""What the dispatcher knows and remembers, in PostgreSQL (schema `notifications`):
+"""What the dispatcher reads and remembers, in PostgreSQL:
 
-* `recipients`: who gets notified and how: display name, email, locale, channels and
-  chat webhook, projected from the user events (version-guarded, so a redelivered or
-  older event changes nothing);
-* `deliveries`: one row per notification and channel: sent, failed, skipped, with its
-  attempts and the receiver's last answer. A notification whose row says `sent` is
-  never sent again, whatever Kafka redelivers (the row is written right after the
-  receiver accepted it; only a crash between the two can send twice).
+* a recipient (display name, email, locale, channels, chat webhook) is the user's newest
+  snapshot in the event store, which is never behind the notification being delivered
+  (its command was derived from a later event), so a just-registered user or a
+  just-changed preference is honoured without waiting for any projection;
+* `notifications.deliveries`: one row per notification and channel: sent, failed,
+  skipped, with its attempts and the receiver's last answer. A notification whose row
+  says `sent` is never sent again, whatever Kafka redelivers (the row is written right
+  after the receiver accepted it; only a crash between the two can send twice).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from contract import EventEnvelope, user_of
+from contract import AggregateType
 
-UPSERT_RECIPIENT = """
-INSERT INTO notifications.recipients AS r (tenant_id, user_id, display_name, email, locale,
-    channels, chat_webhook_url, version)
-VALUES (%(tenant)s, %(user)s, %(name)s, %(email)s, %(locale)s, %(channels)s, %(chat)s,
-    %(version)s)
-ON CONFLICT (tenant_id, user_id) DO UPDATE SET display_name = EXCLUDED.display_name,
-    email = EXCLUDED.email, locale = EXCLUDED.locale, channels = EXCLUDED.channels,
-    chat_webhook_url = EXCLUDED.chat_webhook_url, version = EXCLUDED.version
-WHERE r.version < EXCLUDED.version
-"""
+
+async def set_tenant(conn: AsyncConnection, tenant: UUID | str) -> None:
+    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
 
 
 @dataclass(frozen=True)
@@ -47,33 +41,26 @@ class Ledger:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
 
-    async def project_users(self, envelopes: Sequence[EventEnvelope]) -> None:
-        if not envelopes:
-            return
-        async with self.pool.connection() as conn, conn.transaction():
-            for e in envelopes:
-                user = user_of(e)
-                await conn.execute(UPSERT_RECIPIENT, {
-                    "tenant": e.tenant_id, "user": e.aggregate_id,
-                    "name": user["display_name"], "email": user["email"],
-                    "locale": user.get("locale") or "ja",
-                    "channels": list(user.get("channels") or ["email"]),
-                    "chat": user.get("chat_webhook_url"), "version": e.version})
-
     async def recipient(self, tenant: UUID, user: UUID) -> Recipient | None:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "SELECT user_id, display_name, email, locale, channels, chat_webhook_url "
-                "FROM notifications.recipients WHERE tenant_id = %s AND user_id = %s",
-                (tenant, user))
+                "SELECT aggregate FROM event_store.latest_snapshots(%s, %s, %s)",
+                (tenant, AggregateType.USER.value, [user]))
             row = await cur.fetchone()
-        return Recipient(row[0], row[1], row[2], row[3], tuple(row[4]), row[5]) if row else None
+        if row is None:
+            return None
+        snapshot = row[0]
+        return Recipient(user, snapshot["display_name"], snapshot["email"],
+                         snapshot.get("locale") or "ja",
+                         tuple(snapshot.get("channels") or ("email",)),
+                         snapshot.get("chat_webhook_url"))
 
-    async def status(self, notification_id: UUID, channel: str) -> str | None:
-        async with self.pool.connection() as conn:
+    async def status(self, tenant: UUID, notification_id: UUID, channel: str) -> str | None:
+        async with self.pool.connection() as conn, conn.transaction():
+            await set_tenant(conn, tenant)
             cur = await conn.execute(
-                "SELECT status FROM notifications.deliveries WHERE notification_id = %s "
-                "AND channel = %s", (notification_id, channel))
+                "SELECT status FROM notifications.deliveries WHERE tenant_id = %s AND "
+                "notification_id = %s AND channel = %s", (tenant, notification_id, channel))
             row = await cur.fetchone()
         return row[0] if row else None
 
@@ -81,14 +68,16 @@ class Ledger:
                      address: str | None, subject: str | None, attempts: int,
                      error: str | None = None) -> None:
         """The outcome of one notification on one channel (attempts accumulate)."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            await set_tenant(conn, command["tenant_id"])
             await conn.execute(
                 "INSERT INTO notifications.deliveries AS d (tenant_id, notification_id, "
                 "channel, recipient_id, workflow_id, kind, address, subject, status, attempts, "
                 "last_error, sent_at, updated_at) VALUES (%(tenant)s, %(id)s, %(channel)s, "
                 "%(user)s, %(workflow)s, %(kind)s, %(address)s, %(subject)s, %(status)s, "
                 "%(attempts)s, %(error)s, CASE WHEN %(status)s = 'sent' THEN clock_timestamp() "
-                "END, clock_timestamp()) ON CONFLICT (notification_id, channel) DO UPDATE SET "
+                "END, clock_timestamp()) ON CONFLICT (tenant_id, notification_id, channel) "
+                "DO UPDATE SET "
                 "status = EXCLUDED.status, attempts = d.attempts + EXCLUDED.attempts, "
                 "last_error = coalesce(EXCLUDED.last_error, d.last_error), "
                 "sent_at = coalesce(EXCLUDED.sent_at, d.sent_at), updated_at = clock_timestamp()",
@@ -105,7 +94,8 @@ async def deliveries_of(pool: AsyncConnectionPool, tenant: UUID,
     where, params = "tenant_id = %s", [tenant]
     if workflow is not None:
         where, params = where + " AND workflow_id = %s", [tenant, workflow]
-    async with pool.connection() as conn:
+    async with pool.connection() as conn, conn.transaction():
+        await set_tenant(conn, tenant)
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(
             "SELECT notification_id, channel, recipient_id, workflow_id, kind, address, "

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import Settings, libpq_url
 from projectors.catalogue import CATALOGUE
+from streams.services import SERVICES
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ def apply_delays(settings: Settings) -> dict[str, dict[str, Any] | None] | None:
 
 def report(settings: Settings) -> LagReport:
     groups = {group: CATALOGUE[group](settings).topics for group in CATALOGUE}
+    groups |= {service.group: service.topics for service in SERVICES.values()}
     rows = asyncio.run(partitions(settings.require("kafka_bootstrap"), groups))
     with psycopg.connect(libpq_url(settings.require("database_url"))) as conn:
         parked = dict(conn.execute("SELECT consumer_group, count(*) FROM "

@@ -235,6 +235,25 @@ def create_app(settings: Settings) -> FastAPI:
             raise not_found(workflow_id)
         return json_response({"workflow_id": workflow_id, "events": events})
 
+    @router.get("/workflows/{workflow_id}/completion",
+                summary="The completion saga of an approved workflow (steps, status, attempts, "
+                "last error)")
+    async def completion(workflow_id: UUID, principal: Auth) -> Response:
+        found = await reads().completion(principal.tenant_id, workflow_id)
+        if found is None:
+            raise Problem(404, "not_found", "Not found",
+                          f"workflow {workflow_id} has no completion in your tenant: it is not "
+                          "approved yet, or the completion saga has not seen its approval")
+        return json_response(found)
+
+    @router.get("/notifications", summary="Notification deliveries (status per channel)")
+    async def notifications(
+        principal: Auth, workflow_id: Annotated[UUID | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> Response:
+        items = await reads().notifications(principal.tenant_id, workflow_id, limit)
+        return json_response({"items": items})
+
     @router.get("/my-tasks", summary="Steps waiting for the caller's decision")
     async def my_tasks(
         principal: Auth, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,

@@ -181,17 +181,63 @@ class SearchResults(Model):
                                     "next page; null on the last page.")
 
 
+class CompletionStep(Model):
+    step: Literal["finalize", "notify", "sync", "withdraw", "correct", "unfinalize", "record"]
+    status: Literal["done", "skipped", "failed"]
+    attempts: int = Field(ge=1)
+    at: datetime
+    error: str | None = None
+    reason: str | None = Field(default=None, description="Why a step was skipped.")
+
+
+class Completion(Model):
+    workflow_id: UUID
+    status: Literal["running", "compensating", "completed", "completion_failed"]
+    run: int = Field(ge=1, description="Runs so far (an operator's retry starts another).")
+    current_step: str | None
+    attempts: int = Field(ge=0, description="Attempts of the current step so far.")
+    last_error: str | None
+    steps: list[CompletionStep]
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class Delivery(Model):
+    notification_id: UUID
+    channel: Literal["email", "chat"]
+    recipient_id: UUID
+    workflow_id: UUID | None
+    kind: str
+    address: str | None = Field(description="The email address; a chat webhook's host only.")
+    subject: str | None
+    status: Literal["sent", "failed", "skipped"]
+    attempts: int = Field(ge=0)
+    last_error: str | None
+    first_attempt_at: datetime
+    sent_at: datetime | None
+
+
+class DeliveryList(Model):
+    items: list[Delivery]
+
+
 # path -> (operationId, response model, errors besides 401, 413 and 503)
 ROUTES: dict[str, tuple[str, type[BaseModel], set[int]]] = {
     f"{Q}/workflows": ("ListWorkflows", WorkflowPage, {422}),
     f"{Q}/workflows/{{workflow_id}}": ("GetWorkflow", WorkflowDetail, {404, 422}),
     f"{Q}/workflows/{{workflow_id}}/history": ("GetWorkflowHistory", WorkflowHistory,
                                                {404, 422}),
+    f"{Q}/workflows/{{workflow_id}}/completion": ("GetWorkflowCompletion", Completion,
+                                                  {404, 422}),
+    f"{Q}/notifications": ("ListNotifications", DeliveryList, {422}),
     f"{Q}/my-tasks": ("ListMyTasks", TaskList, {422}),
     f"{Q}/dashboard/stats": ("GetDashboardStats", DashboardStats, set()),
     f"{Q}/search": ("SearchWorkflows", SearchResults, {422}),
 }
 DESCRIPTIONS = {
+    "GetWorkflowCompletion": {404: "The workflow is not approved yet (or not in the caller's "
+                                   "tenant), or the completion saga has not seen its approval."},
     "GetWorkflow": {404: "No such workflow in the caller's tenant (at `as_of`, when given)."},
     "SearchWorkflows": {503: "Search (OpenSearch) is unavailable; every other query still "
                              "works. Retry after `Retry-After` seconds."},

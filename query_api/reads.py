@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from contract import ConsistencyToken
 from infra.problems import AppError
+from saga import store as saga_store
 
 SORTS = {
     "created": sql.SQL("created_at"),
@@ -141,6 +142,28 @@ class Reads:
             "details": {k: v for k, v in r["payload"].items()
                         if k not in ("actor_id", "actor_name", "workflow_id", "initiator_id")},
         } for r in rows]
+
+    # --- completion and notifications ----------------------------------------------
+
+    async def completion(self, tenant: UUID, workflow_id: UUID) -> dict[str, Any] | None:
+        rows = await self._fetch(tenant, f"SELECT {saga_store.COLUMNS} FROM saga.completions "
+                                 "WHERE tenant_id = %s AND workflow_id = %s",
+                                 (tenant, workflow_id))
+        return saga_store.of_row(rows[0]).view() if rows else None
+
+    async def notifications(self, tenant: UUID, workflow_id: UUID | None,
+                            limit: int) -> list[dict[str, Any]]:
+        where = "tenant_id = %s" + (" AND workflow_id = %s" if workflow_id else "")
+        params = (tenant, workflow_id) if workflow_id else (tenant,)
+        rows = await self._fetch(
+            tenant, "SELECT notification_id, channel, recipient_id, workflow_id, kind, address, "
+            "subject, status, attempts, last_error, first_attempt_at, sent_at FROM "
+            f"notifications.deliveries WHERE {where} ORDER BY first_attempt_at DESC LIMIT %s",
+            (*params, limit))
+        for row in rows:  # a chat webhook's URL is its credential: show where, not which
+            if row["channel"] == "chat" and row["address"]:
+                row["address"] = "/".join(row["address"].split("/")[:3]) + "/…"
+        return rows
 
     # --- tasks and stats -------------------------------------------------------------
 

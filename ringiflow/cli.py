@@ -15,6 +15,7 @@ from ringiflow.dlq_cli import dlq_app
 from ringiflow.options import DataDir, JsonOut, configure_logging, settings_of
 from ringiflow.outbox_cli import outbox_app
 from ringiflow.readmodels_cli import register as register_readmodel_verbs
+from ringiflow.saga_cli import notifications_app, saga_app
 
 app = typer.Typer(
     name="ringiflow", no_args_is_help=True, add_completion=False,
@@ -24,6 +25,8 @@ topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics of the catalog
 app.add_typer(topics_app, name="topics")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(saga_app, name="saga")
+app.add_typer(notifications_app, name="notifications")
 
 
 @app.command()
@@ -65,13 +68,16 @@ def projector(
     group: Annotated[str, typer.Argument(help="Consumer group, e.g. workflow-projector.")],
     port: Annotated[int, typer.Option(help="Health and metrics port.")] = 0,
 ) -> None:
-    """Run one projection's Faust worker (what `run workers` starts for each)."""
+    """Run one projection's (or service's) Faust worker (what `run workers` starts for
+    each)."""
     from infra.servers import free_port
     from projectors.catalogue import CATALOGUE
+    from streams.services import SERVICES
     from streams.worker import run_projector
 
-    if group not in CATALOGUE:
-        raise ConfigError(f"unknown projection {group!r}; choose one of {', '.join(CATALOGUE)}")
+    if group not in CATALOGUE and group not in SERVICES:
+        raise ConfigError(f"unknown projection {group!r}; choose one of "
+                          f"{', '.join([*CATALOGUE, *SERVICES])}")
     settings = load_settings().with_runtime()
     configure_logging(settings)
     run_projector(group, settings, port or free_port())

@@ -291,7 +291,8 @@ class Supervisor:
 
     def _print_endpoints(self, urls: dict[str, str], elapsed: float) -> None:
         labels = {"database_url": "PostgreSQL", "redis_url": "Redis",
-                  "kafka_bootstrap": "Kafka", "opensearch_url": "OpenSearch"}
+                  "kafka_bootstrap": "Kafka", "opensearch_url": "OpenSearch",
+                  "smtp_url": "SMTP"}
         lines = [f"RingiFlow is up in {elapsed:.1f} s (Ctrl-C or SIGTERM stops everything)"]
         for component in COMPONENTS.values():
             base = component.url(self.settings)
@@ -302,6 +303,9 @@ class Supervisor:
             server = self.stack.servers.get(key)
             label = f"{server.name}, embedded" if server else f"{labels[key]} (external)"
             lines.append(f"  {label:<38} {redact_url(url)}")
+        if "smtp_url" in self.stack.servers:
+            lines.append(f"  {'caught mail':<34} {self.settings.data_path / 'mail'}  "
+                         "(`ringiflow notifications list`)")
         lines.append(f"  {'data dir':<34} {self.settings.data_path}")
         lines.append(f"  {'logs':<34} {self.settings.data_path / 'logs'}")
         print("\n".join(lines), flush=True)

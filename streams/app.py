@@ -24,6 +24,7 @@ from infra.processes import Child
 from infra.servers import free_port
 from infra.settings import Settings
 from projectors.catalogue import CATALOGUE
+from streams.services import SERVICES
 
 log = logging.getLogger("ringiflow.workers")
 
@@ -53,7 +54,7 @@ def worker(group: str, settings: Settings) -> Worker:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    workers = [worker(group, settings) for group in CATALOGUE]
+    workers = [worker(group, settings) for group in (*CATALOGUE, *SERVICES)]
 
     async def supervise() -> None:
         while True:

@@ -64,6 +64,13 @@ class Processor:
     def group(self) -> str:
         return self.projection.group
 
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return self.projection.topics
+
+    async def start(self) -> None:
+        await self.projection.store.start()
+
     async def process(self, records: Sequence[AnyRecord]) -> list[Delivery]:
         """Apply or dead-letter every record; the deliveries that were applied."""
         now = datetime.now(UTC)

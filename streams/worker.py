@@ -1,7 +1,8 @@
-"""One projection as a Faust worker: its own consumer group, one ordered agent
-(concurrency 1), batches taken without acknowledgement and acknowledged only
-after the processor has applied or dead-lettered every event of the batch, so
-Faust can only commit offsets of events that live somewhere.
+"""One projection (or one service: streams.services) as a Faust worker: its own
+consumer group, one ordered agent (concurrency 1), batches taken without
+acknowledgement and acknowledged only after the processor has applied or
+dead-lettered every event of the batch, so Faust can only commit offsets of events
+that live somewhere.
 
 Faust acks an event whose agent raised ("acked and not processed again", its agents
 guide); here the agent never raises for an event: errors are the processor's business.
@@ -34,6 +35,7 @@ from streams.batching import batches
 from streams.consumer import ProjectorApp, fetch_max_wait_ms
 from streams.deadletters import AnyRecord, DeadLetters, header
 from streams.processor import Processor
+from streams.services import SERVICES, Runner
 from streams.wrappers import RetryPolicy
 
 log = logging.getLogger("ringiflow.worker")
@@ -133,7 +135,6 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
               consumer_group: str | None = None) -> faust.App:
     """`consumer_group`: the Kafka group to read as (default: the projection's own);
     benchmarks read the same topics again from the start under a new one."""
-    projection = CATALOGUE[group](settings)
     bootstrap = settings.require("kafka_bootstrap")
     app = ProjectorApp(
         consumer_group or group,
@@ -155,12 +156,17 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
         broker_heartbeat_interval=min(1.0, settings.worker_session_timeout_s / 3),
         broker_rebalance_timeout=settings.worker_session_timeout_s,
     )
-    topic = app.topic(*projection.topics, key_type=bytes, value_type=bytes)
     pool = AsyncConnectionPool(libpq_url(settings.role_database_url("projector")),
-                               min_size=1, max_size=2, open=False)
-    processor = Processor(projection, DeadLetters(group, bootstrap, pool),
-                          RetryPolicy(attempts=settings.worker_retry_attempts),
-                          parked_cap=settings.parked_aggregates_cap)
+                               min_size=1, max_size=4, open=False)
+    dead_letters = DeadLetters(group, bootstrap, pool)
+    processor: Runner
+    if group in CATALOGUE:
+        processor = Processor(CATALOGUE[group](settings), dead_letters,
+                              RetryPolicy(attempts=settings.worker_retry_attempts),
+                              parked_cap=settings.parked_aggregates_cap)
+    else:
+        processor = SERVICES[group].build(settings, dead_letters, pool)
+    topic = app.topic(*processor.topics, key_type=bytes, value_type=bytes)
     progress = Progress(group, settings.stall_after_s)
     consume_delay, apply_delay = CONSUME_DELAY.labels(group), APPLY_DELAY.labels(group)
     batch_records = BATCH_RECORDS.labels(group)
@@ -169,7 +175,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
 
     async def open_stores() -> None:
         await pool.open(wait=True, timeout=30)
-        await projection.store.start()
+        await processor.start()
         state["started"] = True
 
     @app.agent(topic, name=group, concurrency=1)

@@ -70,7 +70,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a `ringiflow run <component>` subprocess needs to join the stack."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGIFLOW_")}
-    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url"):
+    for key in ("database_url", "redis_url", "kafka_bootstrap", "opensearch_url", "smtp_url"):
         env[f"RINGIFLOW_{key.upper()}"] = getattr(settings, key)
     env["RINGIFLOW_DATA_DIR"] = str(settings.data_dir)
     env["RINGIFLOW_JWT_SECRET"] = TEST_JWT_SECRET

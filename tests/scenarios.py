@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 from commands import domain
 from contract import AggregateType, EventEnvelope, EventMetadata
 from projectors.projection import Delivery
+from saga.steps import SAGA_USER
 
 
 @dataclass
@@ -56,6 +57,9 @@ def build_world(workflows: int = 12, seed: int = 7) -> World:
                   person.user_id)
         people.append(person)
     initiator, first, second, deputy = people
+    world.run(second, domain.SetNotificationPreferences(
+        "en", ("email", "chat"), "https://chat.example/hooks/1"), second.user_id)
+    saga = domain.Actor(SAGA_USER, "completion saga", ("system",))
     definition = world.run(admin, domain.CreateDefinition("経費精算", (
         domain.StepTemplate("課長承認", first.user_id),
         domain.StepTemplate("部長承認", second.user_id))))
@@ -87,6 +91,14 @@ def build_world(workflows: int = 12, seed: int = 7) -> World:
             current = world.workflow(wf).current_step
             assert current is not None
             world.run(by_id[current.assignee_id], domain.ApproveStep(step2), wf)
+            # The completion saga: every other one completes, the rest are compensated.
+            world.run(saga, domain.FinalizeDocuments(), wf)
+            if n % 12 == 4:
+                world.run(saga, domain.RecordCompletion(skipped_steps=("sync",)), wf)
+            else:
+                world.run(saga, domain.UnfinalizeDocuments("sync refused: 400"), wf)
+                world.run(saga, domain.RecordCompletion(failed_step="sync",
+                                                        reason="400 Bad Request"), wf)
         else:
             world.run(initiator, domain.CancelWorkflow("不要になりました"), wf)
     # Renames after the workflows copied the old names: projections must catch up.

@@ -52,7 +52,7 @@ from commands.domain.definition.commands import CreateDefinition
 from commands.domain.definition.decide import DECIDERS as DEFINITION_DECIDERS
 from commands.domain.definition.evolve import EVOLVERS as DEFINITION_EVOLVERS
 from commands.domain.definition.state import DefinitionState, StepTemplate
-from commands.domain.user.commands import RegisterUser, RenameUser
+from commands.domain.user.commands import RegisterUser, RenameUser, SetNotificationPreferences
 from commands.domain.user.decide import DECIDERS as USER_DECIDERS
 from commands.domain.user.evolve import EVOLVERS as USER_EVOLVERS
 from commands.domain.user.state import UserState
@@ -64,11 +64,14 @@ from commands.domain.workflow.commands import (
     CreateWorkflow,
     DelegateStep,
     DocumentInfo,
+    FinalizeDocuments,
+    RecordCompletion,
     RejectStep,
     RequestChanges,
     ResolvedStep,
     ResubmitWorkflow,
     SubmitWorkflow,
+    UnfinalizeDocuments,
     resolve_steps,
 )
 from commands.domain.workflow.decide import DECIDERS as WORKFLOW_DECIDERS
@@ -87,7 +90,8 @@ from contract import (
 Command = (
     RegisterUser | RenameUser | CreateDefinition | CreateWorkflow | SubmitWorkflow
     | ResubmitWorkflow | ApproveStep | RejectStep | RequestChanges | DelegateStep
-    | CancelWorkflow | AddComment | AttachDocument
+    | CancelWorkflow | AddComment | AttachDocument | SetNotificationPreferences
+    | FinalizeDocuments | UnfinalizeDocuments | RecordCompletion
 )
 AggregateState = UserState | DefinitionState | WorkflowState
 S = TypeVar("S", UserState, DefinitionState, WorkflowState)
@@ -162,15 +166,61 @@ def fold(state: S, events: Iterable[DomainEvent]) -> S:
 
 
 __all__ = [
-    "AGGREGATES", "MAX_NAME_LENGTH", "MAX_TEXT_LENGTH", "MAX_TITLE_LENGTH", "TERMINAL_STATUSES",
-    "Actor", "AddComment", "Aggregate", "AggregateState", "AlreadyExists", "ApproveStep",
-    "AttachDocument", "CancelWorkflow", "Command", "Comment", "CreateDefinition",
-    "CreateWorkflow", "Decision", "DefinitionState", "DelegateStep", "Document",
-    "DocumentInfo", "DomainError", "DomainEvent", "EventName", "Forbidden", "InvalidCommand",
-    "InvalidState", "NotFound", "Payload", "Priority", "RegisterUser", "RejectStep",
-    "RenameUser", "RequestChanges", "ResolvedStep", "ResubmitWorkflow", "StepState",
-    "StepStatus", "StepTemplate", "SubmitWorkflow", "UnknownReference", "UserState",
+    "AGGREGATES",
+    "MAX_NAME_LENGTH",
+    "MAX_TEXT_LENGTH",
+    "MAX_TITLE_LENGTH",
+    "TERMINAL_STATUSES",
+    "Actor",
+    "AddComment",
+    "Aggregate",
+    "AggregateState",
+    "AlreadyExists",
+    "ApproveStep",
+    "AttachDocument",
+    "CancelWorkflow",
+    "Command",
+    "Comment",
+    "CreateDefinition",
+    "CreateWorkflow",
+    "Decision",
+    "DefinitionState",
+    "DelegateStep",
+    "Document",
+    "DocumentInfo",
+    "DomainError",
+    "DomainEvent",
+    "EventName",
+    "FinalizeDocuments",
+    "Forbidden",
+    "InvalidCommand",
+    "InvalidState",
+    "NotFound",
+    "Payload",
+    "Priority",
+    "RecordCompletion",
+    "RegisterUser",
+    "RejectStep",
+    "RenameUser",
+    "RequestChanges",
+    "ResolvedStep",
+    "ResubmitWorkflow",
+    "SetNotificationPreferences",
+    "StepState",
+    "StepStatus",
+    "StepTemplate",
+    "SubmitWorkflow",
+    "UnfinalizeDocuments",
+    "UnknownReference",
+    "UserState",
     "WorkflowState",
-    "WorkflowStatus", "decide", "definition", "evolve", "fold", "initial_state",
-    "resolve_steps", "user", "workflow",
+    "WorkflowStatus",
+    "decide",
+    "definition",
+    "evolve",
+    "fold",
+    "initial_state",
+    "resolve_steps",
+    "user",
+    "workflow",
 ]

@@ -140,7 +140,7 @@ def test_command_api_survives_schemathesis(system: dict[str, str], seeded: dict[
     # commands get as far as deciding them.
     caller = Person(tenant.tenant_id, tenant.approver1.name, ["admin"], tenant.approver1.user_id)
     output = schemathesis_run(system["commands"], caller, seeded, tmp_path / "commands.xml")
-    assert "Tested: 15" in output  # the 13 commands, /healthz and /readyz
+    assert "Tested: 16" in output  # the 14 commands, /healthz and /readyz
     # Stateful runs follow most links (19 of 20 typically): from a new user to commands
     # on the workflow created from its definition.
     assert links_covered(output) >= 10, output
@@ -151,6 +151,6 @@ def test_query_api_survives_schemathesis(system: dict[str, str], seeded: dict[st
     tenant: Tenant = seeded["tenant"]
     output = schemathesis_run(system["queries"], tenant.approver1, seeded,
                               tmp_path / "queries.xml")
-    # six queries, /healthz, /readyz, and the contract (/asyncapi.json, an event's schema)
-    assert "Tested: 10" in output
+    # eight queries, /healthz, /readyz, and the contract (/asyncapi.json, an event's schema)
+    assert "Tested: 12" in output
     assert links_covered(output) >= 6, output  # of 9 (all, typically)

@@ -111,7 +111,8 @@ def test_up_serves_every_endpoint_restarts_crashes_and_leaves_nothing_behind(
             assert get(base + "/healthz")[0] == 200
             status, body = get(base + "/readyz")
             assert status == 200, body
-        for name in ("PostgreSQL, embedded", "Redis, embedded", "Kafka (", "OpenSearch ("):
+        for name in ("PostgreSQL, embedded", "Redis, embedded", "Kafka (", "OpenSearch (",
+                     "mail catcher, embedded", "caught mail"):
             assert name in out
         # Which broker and search server run, and why.
         assert "· Kafka: " in out and "· OpenSearch: " in out

@@ -33,20 +33,24 @@ from commands.domain import (
     DocumentInfo,
     DomainError,
     DomainEvent,
+    FinalizeDocuments,
     Forbidden,
     InvalidCommand,
     InvalidState,
     NotFound,
     Priority,
+    RecordCompletion,
     RegisterUser,
     RejectStep,
     RenameUser,
     RequestChanges,
     ResolvedStep,
     ResubmitWorkflow,
+    SetNotificationPreferences,
     StepStatus,
     StepTemplate,
     SubmitWorkflow,
+    UnfinalizeDocuments,
     UserState,
     WorkflowState,
     WorkflowStatus,
@@ -752,6 +756,8 @@ def test_every_event_type_matches_the_contract() -> None:
     new_user = UserState(uuid4())
     collect("user", decide(RegisterUser("A", "a@example.com"), new_user, ALICE, NOW))
     collect("user", decide(RenameUser("B"), registered(), ALICE, NOW))
+    collect("user", decide(SetNotificationPreferences("en", ("email",)), registered(), ALICE,
+                           NOW))
     new_definition = DefinitionState(uuid4())
     create = CreateDefinition("D", (StepTemplate("S", BOB.user_id),))
     collect("definition", decide(create, new_definition, ALICE, NOW))
@@ -767,6 +773,13 @@ def test_every_event_type_matches_the_contract() -> None:
     ]
     for state, make, actor in workflow_commands:
         collect("workflow", decide(make(state), state, actor, NOW))
+    saga = Actor(uuid4(), "completion saga", ("system",))
+    finalized = fold(approved(), decide(FinalizeDocuments(), approved(), saga, NOW))
+    collect("workflow", decide(FinalizeDocuments(), approved(), saga, NOW))
+    collect("workflow", decide(UnfinalizeDocuments("r"), finalized, saga, NOW))
+    collect("workflow", decide(RecordCompletion(), finalized, saga, NOW))
+    collect("workflow", decide(RecordCompletion(failed_step="sync", reason="r"), finalized,
+                               saga, NOW))
     assert sorted(emitted) == contract.REGISTRY.names()
     for name, aggregate_type in emitted.items():
         assert contract.REGISTRY.get(name).aggregate_type == aggregate_type

@@ -17,3 +17,14 @@ class RegisterUser:
 class RenameUser:
     aggregate_type: ClassVar[str] = "user"
     display_name: str
+
+
+@dataclass(frozen=True)
+class SetNotificationPreferences:
+    """How the user is notified: the language of the messages and the channels (none
+    at all opts out). `chat` needs a webhook URL (Slack/Teams-compatible)."""
+
+    aggregate_type: ClassVar[str] = "user"
+    locale: str
+    channels: tuple[str, ...]
+    chat_webhook_url: str | None = None

@@ -15,11 +15,14 @@ from commands.domain.common import (
     iso,
     text,
 )
-from commands.domain.user.commands import RegisterUser, RenameUser
+from commands.domain.user.commands import RegisterUser, RenameUser, SetNotificationPreferences
 from commands.domain.user.state import UserState
 from contract import EventName, events
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_URL = re.compile(r"https?://[^\s]+")
+LOCALES = ("ja", "en")
+CHANNELS = ("email", "chat")
 
 
 def register_user(
@@ -53,4 +56,29 @@ def rename_user(
         renamed_at=iso(now), **actor_fields(actor)))]
 
 
-DECIDERS = {RegisterUser: register_user, RenameUser: rename_user}
+def set_notification_preferences(
+    command: SetNotificationPreferences, state: UserState, actor: Actor, now: datetime
+) -> list[DomainEvent]:
+    if state.version == 0:
+        raise NotFound(f"user {state.id} does not exist; register it with RegisterUser first")
+    if command.locale not in LOCALES:
+        raise InvalidCommand(f"locale {command.locale!r} is not offered; use one of "
+                             f"{', '.join(LOCALES)}")
+    unknown = [c for c in command.channels if c not in CHANNELS]
+    if unknown or len(set(command.channels)) != len(command.channels):
+        raise InvalidCommand(f"channels {list(command.channels)!r}: each of "
+                             f"{', '.join(CHANNELS)} at most once (none opts out)")
+    url = command.chat_webhook_url
+    if url is not None and (len(url) > 2048 or not _URL.fullmatch(url)):
+        raise InvalidCommand("chat_webhook_url must be an http(s) URL of at most 2048 "
+                             "characters")
+    if "chat" in command.channels and not url:
+        raise InvalidCommand("the chat channel needs chat_webhook_url (the incoming webhook "
+                             "of your Slack or Teams channel)")
+    return [DomainEvent(EventName.NOTIFICATION_PREFERENCES_SET, events.NotificationPreferencesSet(
+        user_id=str(state.id), locale=command.locale, channels=list(command.channels),
+        chat_webhook_url=url, set_at=iso(now), **actor_fields(actor)))]
+
+
+DECIDERS = {RegisterUser: register_user, RenameUser: rename_user,
+            SetNotificationPreferences: set_notification_preferences}

@@ -28,4 +28,17 @@ def user_renamed(state: UserState, payload: events.UserRenamed) -> UserState:
     )
 
 
-EVOLVERS = {EventName.USER_REGISTERED: user_registered, EventName.USER_RENAMED: user_renamed}
+def notification_preferences_set(state: UserState,
+                                 payload: events.NotificationPreferencesSet) -> UserState:
+    return replace(
+        state,
+        locale=payload["locale"],
+        channels=tuple(payload["channels"]),
+        chat_webhook_url=payload["chat_webhook_url"],
+        preferences_set=True,
+        updated_at=parse_time(payload["set_at"]),
+    )
+
+
+EVOLVERS = {EventName.USER_REGISTERED: user_registered, EventName.USER_RENAMED: user_renamed,
+            EventName.NOTIFICATION_PREFERENCES_SET: notification_preferences_set}

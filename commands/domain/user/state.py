@@ -18,9 +18,14 @@ class UserState:
     email: str = ""
     registered_at: datetime | None = None
     updated_at: datetime | None = None
+    # Notification preferences; in the snapshot once set (older snapshots lack them).
+    locale: str = "ja"
+    channels: tuple[str, ...] = ("email",)
+    chat_webhook_url: str | None = None
+    preferences_set: bool = False
 
     def snapshot(self) -> UserSnapshot:
-        return {
+        snapshot: UserSnapshot = {
             "id": str(self.id),
             "version": self.version,
             "display_name": self.display_name,
@@ -28,3 +33,7 @@ class UserState:
             "registered_at": iso_or_none(self.registered_at),
             "updated_at": iso_or_none(self.updated_at),
         }
+        if self.preferences_set:
+            snapshot |= {"locale": self.locale, "channels": list(self.channels),
+                         "chat_webhook_url": self.chat_webhook_url}
+        return snapshot

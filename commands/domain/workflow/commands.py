@@ -132,3 +132,31 @@ def resolve_steps(
                 f"definition {definition.name!r} is not registered; register the user first")
         resolved.append(ResolvedStep(step.name, step.assignee_id, name))
     return tuple(resolved)
+
+
+# --- the completion saga's commands (actor role "system" only) ---------------------
+
+
+@dataclass(frozen=True)
+class FinalizeDocuments:
+    """Fix the approved workflow's documents: a manifest with each one's hash."""
+
+    aggregate_type: ClassVar[str] = "workflow"
+
+
+@dataclass(frozen=True)
+class UnfinalizeDocuments:
+    """Compensation: the completion failed after the documents were finalized."""
+
+    aggregate_type: ClassVar[str] = "workflow"
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordCompletion:
+    """How the completion saga ended: `failed_step` None means completed."""
+
+    aggregate_type: ClassVar[str] = "workflow"
+    skipped_steps: tuple[str, ...] = ()
+    failed_step: str | None = None
+    reason: str | None = None

@@ -5,9 +5,12 @@ status, step; so a refusal names the first thing that is wrong."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from uuid import UUID, uuid5
+
+import orjson
 
 from commands.domain.common import (
     MAX_TEXT_LENGTH,
@@ -35,10 +38,13 @@ from commands.domain.workflow.commands import (
     CreateWorkflow,
     DelegateStep,
     DocumentInfo,
+    FinalizeDocuments,
+    RecordCompletion,
     RejectStep,
     RequestChanges,
     ResubmitWorkflow,
     SubmitWorkflow,
+    UnfinalizeDocuments,
 )
 from commands.domain.workflow.state import StepState, WorkflowState
 from contract import (
@@ -367,7 +373,69 @@ def attach_document(
         **workflow_ref(state, actor), **document_payload(command), attached_at=iso(now)))]
 
 
+# --- completion (the saga's commands) -------------------------------------------------
+
+
+def require_completing(state: WorkflowState, actor: Actor, action: str) -> None:
+    if state.version == 0:
+        raise NotFound(f"workflow {state.id} does not exist")
+    if "system" not in actor.roles:
+        raise Forbidden(f"only the completion saga may {action} (workflow {state.id})")
+    if state.status is not WorkflowStatus.APPROVED:
+        raise InvalidState(f"workflow {state.id} is {state.status}; only an approved "
+                           f"workflow is completed, so it cannot {action}")
+    if state.completion == "completed":  # a failed completion may be run again
+        raise InvalidState(f"workflow {state.id} is already completed")
+
+
+def manifest_of(state: WorkflowState) -> list[events.ManifestEntry]:
+    return [events.ManifestEntry(document_id=str(d.document_id), filename=d.filename,
+                                 sha256=d.sha256, size_bytes=d.size_bytes)
+            for d in state.documents]
+
+
+def finalize_documents(
+    command: FinalizeDocuments, state: WorkflowState, actor: Actor, now: datetime
+) -> list[DomainEvent]:
+    require_completing(state, actor, "finalize its documents")
+    if state.documents_finalized:
+        raise InvalidState(f"the documents of workflow {state.id} are already finalized")
+    manifest = manifest_of(state)
+    digest = hashlib.sha256(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return [DomainEvent(EventName.DOCUMENTS_FINALIZED, events.DocumentsFinalized(
+        **workflow_ref(state, actor), manifest=manifest, manifest_sha256=digest,
+        finalized_at=iso(now)))]
+
+
+def unfinalize_documents(
+    command: UnfinalizeDocuments, state: WorkflowState, actor: Actor, now: datetime
+) -> list[DomainEvent]:
+    require_completing(state, actor, "un-finalize its documents")
+    if not state.documents_finalized:
+        raise InvalidState(f"the documents of workflow {state.id} are not finalized")
+    return [DomainEvent(EventName.DOCUMENTS_UNFINALIZED, events.DocumentsUnfinalized(
+        **workflow_ref(state, actor), reason=text(command.reason, "reason",
+                                                  max_length=MAX_TEXT_LENGTH),
+        unfinalized_at=iso(now)))]
+
+
+def record_completion(
+    command: RecordCompletion, state: WorkflowState, actor: Actor, now: datetime
+) -> list[DomainEvent]:
+    require_completing(state, actor, "record its completion")
+    if command.failed_step is None:
+        return [DomainEvent(EventName.WORKFLOW_COMPLETED, events.WorkflowCompleted(
+            **workflow_ref(state, actor), skipped_steps=list(command.skipped_steps),
+            completed_at=iso(now)))]
+    return [DomainEvent(EventName.WORKFLOW_COMPLETION_FAILED, events.WorkflowCompletionFailed(
+        **workflow_ref(state, actor), failed_step=command.failed_step,
+        reason=text(command.reason or "unknown", "reason", max_length=MAX_TEXT_LENGTH),
+        failed_at=iso(now)))]
+
+
 DECIDERS = {
+    FinalizeDocuments: finalize_documents, UnfinalizeDocuments: unfinalize_documents,
+    RecordCompletion: record_completion,
     CreateWorkflow: create_workflow, SubmitWorkflow: submit_workflow,
     ResubmitWorkflow: resubmit_workflow, ApproveStep: approve_step, RejectStep: reject_step,
     RequestChanges: request_changes, DelegateStep: delegate_step,

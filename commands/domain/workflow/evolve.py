@@ -178,7 +178,35 @@ def document_attached(state: WorkflowState, payload: events.DocumentAttached) ->
     return replace(state, documents=(*state.documents, document), updated_at=document.attached_at)
 
 
+def documents_finalized(state: WorkflowState,
+                        payload: events.DocumentsFinalized) -> WorkflowState:
+    return replace(state, documents_finalized=True, manifest_sha256=payload["manifest_sha256"],
+                   updated_at=parse_time(payload["finalized_at"]))
+
+
+def documents_unfinalized(state: WorkflowState,
+                          payload: events.DocumentsUnfinalized) -> WorkflowState:
+    return replace(state, documents_finalized=False,
+                   updated_at=parse_time(payload["unfinalized_at"]))
+
+
+def workflow_completed(state: WorkflowState, payload: events.WorkflowCompleted) -> WorkflowState:
+    return replace(state, completion="completed", completion_error=None,
+                   updated_at=parse_time(payload["completed_at"]))
+
+
+def completion_failed(state: WorkflowState,
+                      payload: events.WorkflowCompletionFailed) -> WorkflowState:
+    return replace(state, completion="completion_failed",
+                   completion_error=f"{payload['failed_step']}: {payload['reason']}",
+                   updated_at=parse_time(payload["failed_at"]))
+
+
 EVOLVERS = {
+    EventName.DOCUMENTS_FINALIZED: documents_finalized,
+    EventName.DOCUMENTS_UNFINALIZED: documents_unfinalized,
+    EventName.WORKFLOW_COMPLETED: workflow_completed,
+    EventName.WORKFLOW_COMPLETION_FAILED: completion_failed,
     EventName.WORKFLOW_CREATED: workflow_created,
     EventName.WORKFLOW_SUBMITTED: workflow_submitted,
     EventName.WORKFLOW_RESUBMITTED: workflow_resubmitted,

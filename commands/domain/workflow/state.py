@@ -133,6 +133,11 @@ class WorkflowState:
     completed_at: datetime | None = None  # approved or rejected
     cancelled_at: datetime | None = None
     cancel_reason: str | None = None
+    # Set by the completion saga; in the snapshot once it ran (older ones lack them).
+    documents_finalized: bool = False
+    manifest_sha256: str | None = None
+    completion: str | None = None  # "completed" | "completion_failed"
+    completion_error: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -153,7 +158,7 @@ class WorkflowState:
 
     def snapshot(self) -> WorkflowSnapshot:
         current = self.current_step
-        return {
+        snapshot: WorkflowSnapshot = {
             "id": str(self.id),
             "version": self.version,
             "status": None if self.status is None else self.status.value,
@@ -179,3 +184,9 @@ class WorkflowState:
             "cancelled_at": iso_or_none(self.cancelled_at),
             "cancel_reason": self.cancel_reason,
         }
+        if self.manifest_sha256 is not None or self.completion is not None:
+            snapshot |= {"documents_finalized": self.documents_finalized,
+                         "manifest_sha256": self.manifest_sha256,
+                         "completion": self.completion,
+                         "completion_error": self.completion_error}
+        return snapshot
