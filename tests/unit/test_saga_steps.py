@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from uuid import uuid4
+from dataclasses import replace
+from uuid import UUID, uuid4
 
-from saga.runner import next_step
+from contract import record_headers
+from infra.settings import Settings
+from saga.runner import SagaRunner, next_step
 from saga.steps import signature
 from saga.store import Completion
+from streams.deadletters import Record
+from streams.processor import REPLAY_HEADER
+from tests.scenarios import build_world
 
 
 def walk(outcomes: dict[str, str]) -> list[str]:
@@ -51,3 +57,33 @@ def test_the_webhook_signature_is_hmac_sha256_of_the_exact_body() -> None:
     expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
     assert signature("s3cret", body) == f"sha256={expected}"
     assert signature("other", body) != signature("s3cret", body)
+
+
+class Recorded:
+    """Completions in memory: which sagas the runner asked to start."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[UUID, UUID]] = []
+
+    async def start(self, started: list[tuple[UUID, UUID]]) -> int:
+        self.started += started
+        return len(started)
+
+
+async def test_only_a_live_approval_starts_a_saga_and_replays_stay_quiet() -> None:
+    world = build_world(workflows=12)
+    approvals = [e for e in world.events if e.event_type == "WorkflowApproved"]
+    assert approvals
+    records = [Record("ringiflow.workflow.events", 0, n, str(e.aggregate_id).encode(),
+                      e.model_dump_json().encode(), record_headers(e))
+               for n, e in enumerate(world.events)]
+    replayed = [replace(r, headers=(*r.headers, (REPLAY_HEADER, b"true"))) for r in records]
+
+    for notify_on_replay, expected in ((False, 1), (True, 2)):
+        runner = SagaRunner(Settings(replay_notifications=notify_on_replay),  # type: ignore[call-arg]
+                            None, None)  # type: ignore[arg-type]
+        runner.completions = Recorded()  # type: ignore[assignment]
+        await runner.process(records)
+        await runner.process(replayed)
+        assert runner.completions.started == [  # type: ignore[attr-defined]
+            (e.tenant_id, e.aggregate_id) for e in approvals] * expected
