@@ -47,6 +47,7 @@ class Dispatcher:
         of retries) is recorded and returned, for the dead-letter queue."""
         recipient = await self._recipient(command)
         outcome = Outcome([], {})
+        throttled: bool | None = None  # decided once per notification, when one is due
         for channel_name in recipient.channels:
             channel = self.channels.get(channel_name)
             notification_id = UUID(command["notification_id"])
@@ -59,10 +60,17 @@ class Dispatcher:
             if await self.ledger.status(recipient_tenant(command), notification_id,
                                         channel_name) == "sent":
                 continue  # redelivered: it went out already
+            if throttled is None:
+                throttled = await self._throttled(recipient)
+            if throttled:
+                await self.ledger.record(
+                    command, channel_name, "skipped", address, None, 0,
+                    f"rate limited: over {self.limit.per_minute:g} a minute for this recipient")
+                continue
             subject, body = render(command["type"], recipient.locale, command)
             message = Message(str(notification_id), address, recipient.display_name, subject,
                               body)
-            error, attempts = await self._send(channel, message, recipient)
+            error, attempts = await self._send(channel, message)
             if error is None:
                 await self.ledger.record(command, channel_name, "sent", address, subject,
                                          attempts)
@@ -80,13 +88,18 @@ class Dispatcher:
             raise UnknownRecipient(f"user {user} is not registered in tenant {tenant}")
         return recipient
 
-    async def _send(self, channel: Channel, message: Message,
-                    recipient: Recipient) -> tuple[str | None, int]:
-        """(None once sent, else why not; the attempts it took)."""
+    async def _throttled(self, recipient: Recipient) -> bool:
         wait = self.limit.wait_s(str(recipient.user_id))
+        if wait is None:
+            log.warning("rate limit: notification to %s not sent (over %g a minute)",
+                        recipient.user_id, self.limit.per_minute)
+            return True
         if wait:
-            log.info("rate limit: %s waits %.1f s", recipient.user_id, wait)
             await asyncio.sleep(wait)
+        return False
+
+    async def _send(self, channel: Channel, message: Message) -> tuple[str | None, int]:
+        """(None once sent, else why not; the attempts it took)."""
         delays = self.backoff.start()
         while True:
             try:

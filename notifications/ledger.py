@@ -17,10 +17,10 @@ from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from contract import AggregateType
+from streams.deadletters import until_reachable
 
 
 async def set_tenant(conn: AsyncConnection, tenant: UUID | str) -> None:
@@ -42,11 +42,14 @@ class Ledger:
         self.pool = pool
 
     async def recipient(self, tenant: UUID, user: UUID) -> Recipient | None:
-        async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "SELECT aggregate FROM event_store.latest_snapshots(%s, %s, %s)",
-                (tenant, AggregateType.USER.value, [user]))
-            row = await cur.fetchone()
+        async def read() -> Any:
+            async with self.pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "SELECT aggregate FROM event_store.latest_snapshots(%s, %s, %s)",
+                    (tenant, AggregateType.USER.value, [user]))
+                return await cur.fetchone()
+
+        row = await until_reachable("reading a recipient", read)
         if row is None:
             return None
         snapshot = row[0]
@@ -56,18 +59,27 @@ class Ledger:
                          snapshot.get("chat_webhook_url"))
 
     async def status(self, tenant: UUID, notification_id: UUID, channel: str) -> str | None:
-        async with self.pool.connection() as conn, conn.transaction():
-            await set_tenant(conn, tenant)
-            cur = await conn.execute(
-                "SELECT status FROM notifications.deliveries WHERE tenant_id = %s AND "
-                "notification_id = %s AND channel = %s", (tenant, notification_id, channel))
-            row = await cur.fetchone()
+        async def read() -> Any:
+            async with self.pool.connection() as conn, conn.transaction():
+                await set_tenant(conn, tenant)
+                cur = await conn.execute(
+                    "SELECT status FROM notifications.deliveries WHERE tenant_id = %s AND "
+                    "notification_id = %s AND channel = %s", (tenant, notification_id, channel))
+                return await cur.fetchone()
+
+        row = await until_reachable("reading a delivery", read)
         return row[0] if row else None
 
     async def record(self, command: dict[str, Any], channel: str, status: str,
                      address: str | None, subject: str | None, attempts: int,
                      error: str | None = None) -> None:
         """The outcome of one notification on one channel (attempts accumulate)."""
+        await until_reachable("recording a delivery", lambda: self._record(
+            command, channel, status, address, subject, attempts, error))
+
+    async def _record(self, command: dict[str, Any], channel: str, status: str,
+                      address: str | None, subject: str | None, attempts: int,
+                      error: str | None) -> None:
         async with self.pool.connection() as conn, conn.transaction():
             await set_tenant(conn, command["tenant_id"])
             await conn.execute(
@@ -86,19 +98,3 @@ class Ledger:
                  "workflow": command.get("workflow_id"), "kind": command["type"],
                  "address": address, "subject": subject, "status": status,
                  "attempts": attempts, "error": error})
-
-
-async def deliveries_of(pool: AsyncConnectionPool, tenant: UUID,
-                        workflow: UUID | None = None) -> list[dict[str, Any]]:
-    """A tenant's delivery statuses (the query API's and the CLI's reads)."""
-    where, params = "tenant_id = %s", [tenant]
-    if workflow is not None:
-        where, params = where + " AND workflow_id = %s", [tenant, workflow]
-    async with pool.connection() as conn, conn.transaction():
-        await set_tenant(conn, tenant)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT notification_id, channel, recipient_id, workflow_id, kind, address, "
-            f"subject, status, attempts, last_error, first_attempt_at, sent_at FROM "
-            f"notifications.deliveries WHERE {where} ORDER BY first_attempt_at", params)
-        return await cur.fetchall()

@@ -1,6 +1,8 @@
 """A per-recipient rate limit: a token bucket per recipient, so a burst of workflow
-activity cannot flood one person's inbox. A notification over the limit waits for its
-token (delivered late, never dropped)."""
+activity cannot flood one person's inbox. A notification a little over the limit waits
+for its token (up to `max_wait_s`); one further over is not sent and is recorded as
+skipped ("rate limited"), as throttling notification services do: waiting longer would
+hold every other recipient's notifications behind one person's flood."""
 
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ class Bucket:
 class RateLimit:
     per_minute: float
     burst: float
+    max_wait_s: float = 5.0
     buckets: dict[str, Bucket] = field(default_factory=dict)
 
-    def wait_s(self, recipient: str, now: float | None = None) -> float:
+    def wait_s(self, recipient: str, now: float | None = None) -> float | None:
         """Take a token for `recipient`: 0 if one is there, else how long until it is
-        (the token is taken now; the caller waits that long before sending)."""
+        (the caller waits that long, then sends); None when that would be longer than
+        `max_wait_s` (no token is taken: the notification is not to be sent)."""
         now = time.monotonic() if now is None else now
         bucket = self.buckets.get(recipient)
         if bucket is None:
@@ -30,5 +34,8 @@ class RateLimit:
         rate = self.per_minute / 60.0
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
+        wait = 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) / rate
+        if wait > self.max_wait_s:
+            return None
         bucket.tokens -= 1
-        return 0.0 if bucket.tokens >= 0 else -bucket.tokens / rate
+        return wait

@@ -26,7 +26,7 @@ from infra.retry import Backoff
 from infra.settings import Settings, libpq_url
 from saga.steps import Effects, StepFailed, TryLater, run_step
 from saga.store import COMPENSATION, FORWARD, Completion, Completions
-from streams.deadletters import AnyRecord, DeadLetters, Failure, header
+from streams.deadletters import AnyRecord, DeadLetters, Failure, header, until_reachable
 from streams.processor import REPLAY_HEADER
 
 log = logging.getLogger("ringiflow.saga")
@@ -97,7 +97,8 @@ class SagaRunner:
         if dead:
             await self.dead_letters.send(dead)
         if started:
-            new = await self.completions.start(started)
+            new = await until_reachable("recording approved workflows",
+                                        lambda: self.completions.start(started))
             if new:
                 log.info("completion saga started for %d approved workflow(s)", new)
                 self.wake.set()

@@ -41,12 +41,23 @@ def test_templates_speak_the_recipients_language() -> None:
         "an unknown locale falls back to Japanese"
 
 
-def test_the_rate_limit_delays_a_burst_and_refills() -> None:
-    limit = RateLimit(per_minute=60, burst=2)
-    waits = [limit.wait_s("u", now=100.0) for _ in range(4)]
-    assert waits == [0.0, 0.0, 1.0, 2.0], "over the burst, one a second: late, never dropped"
+def test_the_rate_limit_delays_a_little_over_and_holds_back_a_flood() -> None:
+    limit = RateLimit(per_minute=60, burst=2, max_wait_s=2.5)
+    waits = [limit.wait_s("u", now=100.0) for _ in range(5)]
+    assert waits == [0.0, 0.0, 1.0, 2.0, None], "late a little, then held back"
     assert limit.wait_s("other", now=100.0) == 0.0, "per recipient"
     assert limit.wait_s("u", now=110.0) == 0.0, "refilled"
+
+
+async def test_a_flood_to_one_recipient_is_recorded_as_rate_limited_not_sent() -> None:
+    channel, ledger = Flaky([]), MemoryLedger(PERSON)
+    flooded = Dispatcher(ledger, {"email": channel}, RateLimit(1, 1, max_wait_s=0),  # type: ignore[arg-type]
+                         Backoff(0.001, 0.01), attempts=3)
+    first = await flooded.dispatch(COMMAND)
+    second = await flooded.dispatch({**COMMAND, "notification_id": str(uuid4())})
+    assert (first.sent, second.sent, channel.sent) == (["email"], [], 1)
+    [held] = [row for (nid, _), row in ledger.rows.items() if nid != COMMAND["notification_id"]]
+    assert held["status"] == "skipped" and "rate limited" in held["error"]
 
 
 class Answer:
