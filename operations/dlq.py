@@ -67,10 +67,15 @@ def parked(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
 def records(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
     """DLQ records as dicts: context headers, original coordinates, the event."""
     groups = [filters.group] if filters.group else list(CONSUMER_GROUPS)
+    bootstrap = settings.require("kafka_bootstrap")
+
+    async def read_all() -> list[list[Any]]:  # every group's DLQ topic at once
+        return await asyncio.gather(*(read_from_start(bootstrap, dlq_topic(group).name)
+                                      for group in groups))
+
     out = []
-    for group in groups:
-        topic = dlq_topic(group).name
-        for message in asyncio.run(read_from_start(settings.require("kafka_bootstrap"), topic)):
+    for group, messages in zip(groups, asyncio.run(read_all()), strict=True):
+        for message in messages:
             headers = {k: v.decode(errors="replace") for k, v in message.headers}
             try:
                 event: Any = orjson.loads(message.value) if message.value else None
@@ -97,6 +102,27 @@ def records(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
             if _matches(row, filters):
                 out.append(row)
     return out
+
+
+def summary(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
+    """Every group's dead letters, counted: how many, how many hold back an aggregate
+    (parked) and how many belong to none (an unreadable record, a notification), the
+    oldest and newest, and the error classes. Groups without any are left out."""
+    by_group: dict[str, dict[str, Any]] = {}
+    for row in records(settings, filters):
+        group = by_group.setdefault(row["group"], {
+            "group": row["group"], "records": 0, "parked": 0, "without_aggregate": 0,
+            "oldest": None, "newest": None, "error_classes": {}})
+        group["records"] += 1
+        group["parked"] += row["reason"] == "parked"
+        group["without_aggregate"] += not row["aggregate_id"]
+        when = row["first_failure"]
+        if when:
+            group["oldest"] = min(filter(None, (group["oldest"], when)))
+            group["newest"] = max(filter(None, (group["newest"], when)))
+        kind = row["error_class"] or "unknown"
+        group["error_classes"][kind] = group["error_classes"].get(kind, 0) + 1
+    return [by_group[g] for g in CONSUMER_GROUPS if g in by_group]
 
 
 def _matches(row: dict[str, Any], f: Filters) -> bool:

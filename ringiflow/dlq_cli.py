@@ -30,14 +30,24 @@ BULK_CONFIRM_ABOVE = 10
 def dlq_list(group: Group = None, error_class: ErrorClass = None,
              aggregate: AggregateOpt = None, since: Since = None, until: Since = None,
              data_dir: DataDir = None, json_out: JsonOut = False) -> None:
-    """Parked aggregates: which event they wait behind and why."""
-    from operations.dlq import parked
+    """Every group's dead letters, counted (records of no aggregate too), then the
+    parked aggregates: which event they wait behind and why."""
+    from operations.dlq import parked, summary
 
-    rows = parked(settings_of(data_dir).with_runtime(),
-                  filters_of(group, error_class, aggregate, None, since, until))  # type: ignore[arg-type]
+    settings = settings_of(data_dir).with_runtime()
+    filters = filters_of(group, error_class, aggregate, None, since, until)  # type: ignore[arg-type]
+    groups, rows = summary(settings, filters), parked(settings, filters)
     if json_out:
-        echo_json(rows)
+        echo_json({"dead_letters": groups, "parked": rows})
         return
+    if not groups:
+        typer.echo("no dead letters")
+    for g in groups:
+        classes = ", ".join(f"{k} ×{n}" for k, n in sorted(g["error_classes"].items()))
+        typer.echo(f"{g['group']:<26} {g['records']} dead letters ({g['parked']} parked "
+                   f"behind another, {g['without_aggregate']} of no aggregate)  oldest "
+                   f"{g['oldest']}  newest {g['newest']}  {classes}")
+    typer.echo("")
     if not rows:
         typer.echo("no parked aggregates")
     for r in rows:

@@ -128,8 +128,10 @@ async def park_one(fresh_db: Settings) -> tuple[UUID, list]:
 async def test_dlq_list_show_retry_and_the_audit_trail(fresh_db: Settings) -> None:
     victim, stream = await park_one(fresh_db)
     listed = json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)
-    assert [(r["aggregate_id"], r["parked_events"]) for r in listed] == \
+    assert [(r["aggregate_id"], r["parked_events"]) for r in listed["parked"]] == \
         [(str(victim), len(stream) - 1)]
+    counted = {g["group"]: g for g in listed["dead_letters"]}["workflow-projector"]
+    assert counted["records"] >= len(stream) - 1 and counted["parked"] >= len(stream) - 2
     shown = ringiflow(fresh_db, "dlq", "show", str(victim), "--group", "workflow-projector",
                       "--json")
     versions = [int(r["version"]) for r in json.loads(shown.stdout)]
@@ -139,12 +141,12 @@ async def test_dlq_list_show_retry_and_the_audit_trail(fresh_db: Settings) -> No
 
     dry = ringiflow(fresh_db, "dlq", "retry", "--all", "--dry-run")
     assert dry.returncode == 0 and "would re-drive" in dry.stdout
-    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)  # still parked
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)["parked"]  # still
 
     retried = ringiflow(fresh_db, "dlq", "retry", str(victim), "--json")
     assert retried.returncode == 0, retried.stderr
     assert json.loads(retried.stdout)[0]["released"] is True
-    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout) == []
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)["parked"] == []
     import psycopg
 
     from infra.settings import libpq_url
@@ -164,7 +166,7 @@ async def test_dlq_discard_needs_a_reason_and_is_recorded(fresh_db: Settings) ->
     done = ringiflow(fresh_db, "dlq", "discard", str(victim), "--group", "workflow-projector",
                      "--reason", "bad import of 2026-11-23; re-entered by hand")
     assert done.returncode == 0, done.stderr
-    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout) == []
+    assert json.loads(ringiflow(fresh_db, "dlq", "list", "--json").stdout)["parked"] == []
     again = ringiflow(fresh_db, "dlq", "discard", str(victim), "--group", "workflow-projector",
                       "--reason", "second time")
     assert again.returncode == 1
@@ -735,3 +737,32 @@ async def test_a_rebuild_that_fails_after_its_cut_over_finishes_on_the_next_run(
     assert (finished["target"], finished["swapped_from"]) == ("read_model_v2", "read_model_v1")
     assert finished["kept"] == ["read_model_v1"]
     assert ringiflow(fresh_db, "verify", "workflow-projector").returncode == 0
+
+
+async def test_dlq_list_counts_dead_letters_that_hold_back_no_aggregate(
+        fresh_db: Settings) -> None:
+    """A poison record names no aggregate, so nothing is parked: `dlq list` must still
+    show it (it used to say only "no parked aggregates")."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from infra.settings import libpq_url
+    from projectors.projection import Projection
+    from streams.deadletters import DeadLetters, Record
+    from streams.processor import Processor
+
+    group = "audit-processor"
+    poison = Record("ringiflow.workflow.events", 0, 0, b"k", b"\xff not an event", ())
+    async with AsyncConnectionPool(libpq_url(fresh_db.role_database_url("projector")),
+                                   min_size=1, max_size=2) as pool:
+        processor = Processor(Projection(group, (), None, None),  # type: ignore[arg-type]
+                              DeadLetters(group, fresh_db.kafka_bootstrap or "", pool))
+        await processor.process([poison])
+
+    listed = json.loads(ringiflow(fresh_db, "dlq", "list", "--group", group, "--json").stdout)
+    assert listed["parked"] == []
+    [counted] = listed["dead_letters"]
+    assert counted["group"] == group and counted["without_aggregate"] >= 1
+    assert counted["error_classes"].get("UndecodableRecord", 0) >= 1
+    text = ringiflow(fresh_db, "dlq", "list", "--group", group).stdout
+    assert "of no aggregate" in text and "UndecodableRecord" in text
+    assert "no parked aggregates" in text
