@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     relay_port: int = Field(default=8002, ge=0, le=65535)
     workers_host: str = "127.0.0.1"
     workers_port: int = Field(default=8003, ge=0, le=65535)
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8004, ge=0, le=65535)
 
     command_db_pool_size: int = Field(default=20, ge=1, le=200)
     # Each API runs as this many processes on its one port (a Python process uses one core).

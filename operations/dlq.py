@@ -140,7 +140,8 @@ def _matches(row: dict[str, Any], f: Filters) -> bool:
     return True
 
 
-def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID) -> dict[str, Any]:
+def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID,
+          operator: str | None = None) -> dict[str, Any]:
     """Re-drive one tenant's parked aggregate through its projection's store, in order."""
     from psycopg_pool import AsyncConnectionPool
 
@@ -167,16 +168,18 @@ def retry(settings: Settings, group: str, aggregate: UUID, tenant: UUID) -> dict
     finally:
         tracing.flush()
     record_action(settings, "dlq.retry", group, aggregate,
-                  "released" if outcome["released"] else "still_parked", details=outcome)
+                  "released" if outcome["released"] else "still_parked", details=outcome,
+                  operator=operator)
     return outcome
 
 
-def discard(settings: Settings, group: str, aggregate: UUID, reason: str) -> bool:
+def discard(settings: Settings, group: str, aggregate: UUID, reason: str,
+            operator: str | None = None) -> bool:
     """Release an aggregate without applying its dead letters (they stay in the
     DLQ topic for the record)."""
     with psycopg.connect(libpq_url(settings.require("database_url")), autocommit=True) as conn:
         gone = conn.execute("DELETE FROM streams.parked_aggregates WHERE consumer_group = %s "
                             "AND aggregate_id = %s", (group, aggregate)).rowcount
     record_action(settings, "dlq.discard", group, aggregate,
-                  "released" if gone else "not_parked", reason=reason)
+                  "released" if gone else "not_parked", reason=reason, operator=operator)
     return bool(gone)

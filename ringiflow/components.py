@@ -40,6 +40,8 @@ COMPONENTS: dict[str, Component] = {
                   "projectors and stream processors"),
         Component("query-api", "query_api.app:create_app", "query_api_host",
                   "query_api_port", "query API", "query_api_processes"),
+        Component("console", "console.app:create_app", "console_host", "console_port",
+                  "operator console"),
     )
 }
 

@@ -62,6 +62,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         "RINGIFLOW_QUERY_API_PORT": str(free_port()),
         "RINGIFLOW_RELAY_PORT": str(free_port()),
         "RINGIFLOW_WORKERS_PORT": str(free_port()),
+        "RINGIFLOW_CONSOLE_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
     })
     return env

@@ -25,7 +25,7 @@ from tests.helpers import listening_pid, up_fails_fast
 pytestmark = pytest.mark.slow
 
 COMPONENT_PORTS = ("RINGIFLOW_COMMAND_API_PORT", "RINGIFLOW_QUERY_API_PORT",
-                   "RINGIFLOW_RELAY_PORT", "RINGIFLOW_WORKERS_PORT")
+                   "RINGIFLOW_RELAY_PORT", "RINGIFLOW_WORKERS_PORT", "RINGIFLOW_CONSOLE_PORT")
 
 
 class Up:
