@@ -33,7 +33,7 @@ Doc = dict[str, Any]
 Check = Callable[[Doc], list[str]]
 
 INFRA = frozenset({"kafka", "postgres", "redis", "opensearch"})
-APP = frozenset({"init", "command-api", "query-api", "relay", "workers"})
+APP = frozenset({"init", "command-api", "query-api", "relay", "workers", "console"})
 ONE_SHOT = "init"
 # The `ringiflow` verbs a container may run (the CLI's fixed verbs); `run` takes any component.
 RINGIFLOW_VERBS = frozenset(
@@ -45,7 +45,7 @@ HEALTH_PORTS = {
     for name, component in COMPONENTS.items()
 }
 # Only the APIs are published; they must listen on all interfaces of their container.
-PUBLISHED_APIS = ("command-api", "query-api")
+PUBLISHED_APIS = ("command-api", "query-api", "console")
 REQUIRED_APP_ENV = frozenset(
     {
         "RINGIFLOW_DATABASE_URL",

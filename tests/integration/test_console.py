@@ -8,6 +8,7 @@ docs/screenshots/."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -251,6 +252,20 @@ async def test_the_console_in_a_real_browser(
     browser.wait("!document.getElementById('event-list').innerText.includes('WorkflowSubmitted')"
                  " && document.getElementById('event-list').innerText.includes('WorkflowCreated')",
                  "time travel to the workflow's creation")
+
+    # Live tail: a new workflow of this tenant appears as it is published.
+    show(browser, "tail")
+    browser.js(f"""{{ const f = document.getElementById('tail-filter');
+        f.elements.tenant.value = '{tenant.tenant_id}'; f.requestSubmit(); }} true""")
+    async with httpx.AsyncClient(base_url=system["commands"], timeout=30) as client:
+        tenant.client = client
+        for attempt in itertools.count():  # the tail starts at the end: keep publishing
+            await tenant.create_workflow(f"稟議: 追尾 {attempt}")
+            if browser.js("document.getElementById('tail-list').innerText"
+                          ".includes('WorkflowCreated')"):
+                break
+            assert attempt < 15, "nothing published reached the live tail"
+            await asyncio.sleep(1)
 
     # Rebuild: blue/green, with its progress, to the end.
     show(browser, "rebuilds")
