@@ -54,6 +54,8 @@ class DiscardBody(BaseModel):
 
 class ProjectorBody(BaseModel):
     projector: str
+    repair: bool = False  # verify: replay exactly the aggregates that differ
+    abandon: bool = False  # rebuild: discard the unfinished one instead of resuming it
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -205,14 +207,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/verify")
     async def verify(request: Request, body: ProjectorBody) -> Response:
-        from operations.verify import verifiable
+        from operations.audit import record_action
+        from operations.verify import repair, verifiable
         from operations.verify import verify as run_verify
 
-        session(request, action=True).require_operator("verifying a read model")
+        s = session(request, action=True)
+        s.require_operator("verifying a read model")
         if body.projector not in verifiable():
             raise HTTPException(422, f"choose one of {', '.join(verifiable())}")
         differences = await blocking(run_verify, settings, body.projector, None)
-        return json({"projector": body.projector, "differences": [
+        repaired: list[UUID] = []
+        if body.repair and differences:
+            repaired = await blocking(repair, settings, body.projector, None, differences)
+            await blocking(lambda: record_action(
+                settings, "verify.repair", body.projector, None, "repaired",
+                details={"aggregates": [str(a) for a in repaired]}, operator=s.who))
+        return json({"projector": body.projector, "repaired": repaired, "differences": [
             vars(d) if hasattr(d, "__dict__") else d for d in differences]})
 
     @app.post("/api/rebuilds")
@@ -228,12 +238,15 @@ def create_app(settings: Settings) -> FastAPI:
         if job and job["state"] == "running":
             raise HTTPException(409, f"a rebuild of {body.projector} is running")
         job = jobs[body.projector] = {"projector": body.projector, "state": "running",
-                                      "lines": [], "result": None, "by": s.who}
+                                      "lines": [], "result": None, "by": s.who,
+                                      "abandon": body.abandon}
 
         def run() -> None:
+            # An unfinished rebuild (say, the console restarted) resumes where it was.
             try:
                 job["result"] = rebuild(settings, body.projector, False, False,
-                                        lambda line: job["lines"].append(line))
+                                        lambda line: job["lines"].append(line),
+                                        abandon=body.abandon)
                 job["state"] = "done"
             except Exception as exc:  # shown on the page and kept in the job
                 job["state"], job["result"] = "failed", f"{type(exc).__name__}: {exc}"

@@ -24,14 +24,18 @@ def processes(settings: Settings) -> list[dict[str, Any]]:
     for component in COMPONENTS.values():
         if component.name == "console":
             continue
+        stalled: list[str] = []
         try:
             answer = httpx.get(component.url(settings) + "/readyz", timeout=2)
             body = answer.json()
             status, dependencies = body.get("status", "?"), body.get("dependencies", {})
+            for group, worker in (body.get("workers") or {}).items():  # `run workers`
+                dependencies[group] = worker.get("status", "?")
+                stalled += [f"{group}: {s}" for s in worker.get("stalled_partitions", [])]
         except (httpx.HTTPError, ValueError):
             status, dependencies = "unreachable", {}
         out.append({"name": component.name, "url": component.url(settings), "status": status,
-                    "dependencies": dependencies})
+                    "dependencies": dependencies, "stalled": stalled})
     return out
 
 

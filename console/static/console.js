@@ -47,8 +47,9 @@ function overview() {
     const data = JSON.parse(message.data);
     if (data.error) { $("overview-at").textContent = `error: ${data.error}`; return; }
     $("overview-at").textContent = `updated ${data.at}`;
-    table("processes", ["process", "status", "dependencies"], data.processes.map((p) => ({
-      cells: [p.name, status(p.status), Object.entries(p.dependencies).map(([k, v]) => `${k}: ${v}`).join(", ")] })));
+    table("processes", ["process", "status", "dependencies", "stalled partitions"], data.processes.map((p) => ({
+      cells: [p.name, status(p.status), Object.entries(p.dependencies).map(([k, v]) => `${k}: ${v}`).join(", "),
+        p.stalled.length ? { text: p.stalled.join("; "), cls: "bad" } : ""] })));
     table("groups", ["consumer group", "lag", "oldest unprocessed (s)", "apply p50/p99 (ms)", "parked", "dead letters"],
       data.groups.map((g) => ({ cells: [g.group, g.lag ? { text: g.lag, cls: "warn" } : { text: 0, cls: "ok" },
         g.oldest_event_age_s === null ? "" : g.oldest_event_age_s.toFixed(1),
@@ -118,18 +119,19 @@ async function events() {
 }
 
 // --- rebuild and verify -----------------------------------------------------------
-async function verify() {
+async function verify(repair) {
   $("rebuild-output").textContent = "verifying…";
   try {
-    const result = await api("/api/verify", { projector: $("projector").value });
-    $("rebuild-output").textContent = result.differences.length
-      ? JSON.stringify(result.differences, null, 2) : `${result.projector}: no differences`;
+    const result = await api("/api/verify", { projector: $("projector").value, repair });
+    $("rebuild-output").textContent = (result.differences.length
+      ? JSON.stringify(result.differences, null, 2) : `${result.projector}: no differences`) +
+      (result.repaired.length ? `\nrepaired: ${result.repaired.join(", ")}` : "");
   } catch (error) { $("rebuild-output").textContent = `refused: ${error.message}`; }
 }
 
-async function rebuild() {
+async function rebuild(abandon) {
   const projector = $("projector").value;
-  try { await api("/api/rebuilds", { projector }); } catch (error) {
+  try { await api("/api/rebuilds", { projector, abandon }); } catch (error) {
     $("rebuild-output").textContent = `refused: ${error.message}`; return; }
   const poll = setInterval(async () => {
     const job = (await api("/api/rebuilds"))[projector];
@@ -175,8 +177,10 @@ $("event-filter").addEventListener("submit", (e) => { e.preventDefault(); events
 $("tail-filter").addEventListener("submit", (e) => { e.preventDefault(); tail(); });
 $("dlq-retry").addEventListener("click", () => act("/api/dead-letters/retry", { dry_run: false }));
 $("dlq-discard").addEventListener("click", () => act("/api/dead-letters/discard", { reason: $("dlq-reason").value }));
-$("verify").addEventListener("click", verify);
-$("rebuild").addEventListener("click", rebuild);
+$("verify").addEventListener("click", () => verify(false));
+$("repair").addEventListener("click", () => verify(true));
+$("rebuild").addEventListener("click", () => rebuild(false));
+$("abandon").addEventListener("click", () => rebuild(true));
 $("sign-out").addEventListener("click", async () => { await api("/logout", {}); location.href = "/login"; });
 if (meta("tenant")) $("event-filter").elements.tenant.value = meta("tenant");
 show();

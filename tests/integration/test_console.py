@@ -275,6 +275,9 @@ async def test_the_console_in_a_real_browser(
                  "the rebuild", 240)
     assert "read_model_v" in browser.text("rebuild-output")
     browser.shot("console-rebuild.png", tmp_path)
+    browser.js("document.getElementById('verify').click(); true")
+    browser.wait("document.getElementById('rebuild-output').innerText"
+                 ".includes('workflow-projector: no differences')", "verify after the rebuild", 120)
 
 
 async def test_a_tenant_admin_sees_only_its_tenant(
