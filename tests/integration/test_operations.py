@@ -45,7 +45,8 @@ async def test_lag_is_zero_once_the_workers_caught_up(system: dict[str, str],
         await asyncio.sleep(1)
     groups = {p["group"] for p in report["partitions"]}
     assert groups == {"workflow-projector", "cache-projector", "search-indexer",
-                      "audit-processor", "notification-processor"}
+                      "audit-processor", "notification-processor", "notification-dispatcher",
+                      "workflow-completion-saga"}
     assert all(p["lag"] == 0 for p in report["partitions"])
     assert report["outbox"]["pending"] == 0
 
