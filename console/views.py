@@ -67,8 +67,7 @@ def dead_letters(settings: Settings, session: Session, filters: dlq.Filters,
         return session.may_see(row_tenant) and (tenant is None or str(row_tenant) == tenant)
 
     records = [r for r in dlq.records(settings, filters)
-               if visible(r["event"].get("tenant_id") if r["event"] else None)
-               or (session.everything and tenant is None)]
+               if visible(r["tenant_id"]) or (session.everything and tenant is None)]
     parked = [p for p in dlq.parked(settings, filters) if visible(p["tenant_id"])]
     return {"records": records[-200:], "parked": parked,
             "groups": dlq.summary(settings, filters) if session.everything else []}

@@ -93,6 +93,7 @@ def records(settings: Settings, filters: Filters) -> list[dict[str, Any]]:
                              "partition": headers.get("dlq.original.partition"),
                              "offset": headers.get("dlq.original.offset")},
                 "aggregate_id": headers.get("aggregate_id"),
+                "tenant_id": headers.get("tenant_id"),
                 "event_type": headers.get("event_type"), "version": headers.get("version"),
                 "event_id": headers.get("event_id"),
                 "event": event if isinstance(event, dict) else None,
