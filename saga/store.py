@@ -104,14 +104,3 @@ class Completions:
             row = await cur.fetchone()
         if row:
             saga.updated_at, saga.finished_at = row
-
-
-async def read(conn: AsyncConnection, tenant: UUID, workflow: UUID) -> Completion | None:
-    """One tenant's saga of `workflow` (the query API's read, under row-level security)."""
-    async with conn.transaction():
-        await set_tenant(conn, tenant)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(f"SELECT {COLUMNS} FROM saga.completions WHERE tenant_id = %s "
-                          "AND workflow_id = %s", (tenant, workflow))
-        row = await cur.fetchone()
-    return of_row(row) if row else None
