@@ -36,9 +36,6 @@ class Completion:
     updated_at: datetime | None = None
     finished_at: datetime | None = None
 
-    def done(self, step: str) -> bool:
-        return self.steps.get(step, {}).get("status") in ("done", "skipped")
-
     def view(self) -> dict[str, Any]:
         """What the query API and the CLI show."""
         return {"workflow_id": str(self.workflow_id), "status": self.status, "run": self.run,
