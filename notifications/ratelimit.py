@@ -1,8 +1,10 @@
 """A per-recipient rate limit: a token bucket per recipient, so a burst of workflow
-activity cannot flood one person's inbox. A notification a little over the limit waits
-for its token (up to `max_wait_s`); one further over is not sent and is recorded as
-skipped ("rate limited"), as throttling notification services do: waiting longer would
-hold every other recipient's notifications behind one person's flood."""
+activity cannot flood one person's inbox. A notification over the limit is not sent and
+is recorded as skipped ("rate limited"), as throttling notification services do.
+Waiting for the token instead would slow the whole group to one person's rate: a batch
+is acknowledged whole, so every other recipient's notifications would wait too (and a
+steady flood would build a backlog that never drains). `max_wait_s` allows a short
+wait where that is acceptable."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class Bucket:
 class RateLimit:
     per_minute: float
     burst: float
-    max_wait_s: float = 5.0
+    max_wait_s: float = 0.0
     buckets: dict[str, Bucket] = field(default_factory=dict)
 
     def wait_s(self, recipient: str, now: float | None = None) -> float | None:

@@ -47,6 +47,9 @@ def test_the_rate_limit_delays_a_little_over_and_holds_back_a_flood() -> None:
     assert waits == [0.0, 0.0, 1.0, 2.0, None], "late a little, then held back"
     assert limit.wait_s("other", now=100.0) == 0.0, "per recipient"
     assert limit.wait_s("u", now=110.0) == 0.0, "refilled"
+    default = RateLimit(per_minute=60, burst=2)
+    assert [default.wait_s("u", now=0.0) for _ in range(3)] == [0.0, 0.0, None], \
+        "by default nothing waits: one person's flood must not slow everyone's delivery"
 
 
 async def test_a_flood_to_one_recipient_is_recorded_as_rate_limited_not_sent() -> None:
