@@ -88,6 +88,8 @@ async def test_an_id_held_by_another_tenant_answers_like_a_free_one(
         w, s = ids["workflow_id"], ids["step_id"]
         return [
             (f"/users/{ids['user_id']}/rename", {"display_name": "乗っ取り"}),
+            (f"/users/{ids['user_id']}/notification-preferences",
+             {"locale": "en", "channels": ["email"]}),
             # registering a user under any id A holds (a user's, a workflow's, a definition's)
             ("/users", {"user_id": str(ids["user_id"]), "display_name": "x",
                         "email": "x@example.jp"}),
@@ -132,7 +134,7 @@ async def test_an_id_held_by_another_tenant_answers_like_a_free_one(
 
     async with httpx.AsyncClient(base_url=system["queries"], timeout=30) as q:
         reads = ["/workflows/{w}", "/workflows/{w}/history",
-                 "/workflows/{w}?as_of=2100-01-01T00:00:00Z"]
+                 "/workflows/{w}?as_of=2100-01-01T00:00:00Z", "/workflows/{w}/completion"]
         for template in reads:
             on_a = await q.get(Q + template.format(w=workflow_id), headers=b.headers(b.admin))
             on_free = await q.get(Q + template.format(w=uuid4()), headers=b.headers(b.admin))
@@ -140,7 +142,8 @@ async def test_an_id_held_by_another_tenant_answers_like_a_free_one(
                 (on_free.status_code, on_free.json()["code"]) == (404, "not_found"), template
         lists = [("/workflows", {"initiator": str(a.initiator.user_id)}),
                  ("/workflows", {"assignee": str(a.approver1.user_id)}),
-                 ("/my-tasks", {}), ("/search", {"q": "ノートPC"}), ("/dashboard/stats", {})]
+                 ("/my-tasks", {}), ("/search", {"q": "ノートPC"}), ("/dashboard/stats", {}),
+                 ("/notifications", {"workflow_id": str(workflow_id)})]
         a_token = (await a.ok(a.initiator, f"/workflows/{workflow_id}/comments",
                               {"body": "見えますか"}))["consistency_token"]
         for path, params in lists:
