@@ -205,16 +205,23 @@ def create_app(settings: Settings) -> FastAPI:
         return json(await blocking(views.events, settings, s, tenant, aggregate, correlation,
                                    as_of))
 
+    def operator_on(request: Request, projector: str, action: str) -> Session:
+        """The session of an operator acting on a read model that can be rebuilt."""
+        from operations.verify import verifiable
+
+        s = session(request, action=True)
+        s.require_operator(action)
+        if projector not in verifiable():
+            raise HTTPException(422, f"choose one of {', '.join(verifiable())}")
+        return s
+
     @app.post("/api/verify")
     async def verify(request: Request, body: ProjectorBody) -> Response:
         from operations.audit import record_action
-        from operations.verify import repair, verifiable
+        from operations.verify import repair
         from operations.verify import verify as run_verify
 
-        s = session(request, action=True)
-        s.require_operator("verifying a read model")
-        if body.projector not in verifiable():
-            raise HTTPException(422, f"choose one of {', '.join(verifiable())}")
+        s = operator_on(request, body.projector, "verifying a read model")
         differences = await blocking(run_verify, settings, body.projector, None)
         repaired: list[UUID] = []
         if body.repair and differences:
@@ -223,17 +230,13 @@ def create_app(settings: Settings) -> FastAPI:
                 settings, "verify.repair", body.projector, None, "repaired",
                 details={"aggregates": [str(a) for a in repaired]}, operator=s.who))
         return json({"projector": body.projector, "repaired": repaired, "differences": [
-            vars(d) if hasattr(d, "__dict__") else d for d in differences]})
+            vars(d) for d in differences]})
 
     @app.post("/api/rebuilds")
     async def start_rebuild(request: Request, body: ProjectorBody) -> Response:
         from operations.rebuild import rebuild
-        from operations.verify import verifiable
 
-        s = session(request, action=True)
-        s.require_operator("rebuilding a read model")
-        if body.projector not in verifiable():
-            raise HTTPException(422, f"choose one of {', '.join(verifiable())}")
+        s = operator_on(request, body.projector, "rebuilding a read model")
         job = jobs.get(body.projector)
         if job and job["state"] == "running":
             raise HTTPException(409, f"a rebuild of {body.projector} is running")

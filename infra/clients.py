@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
 
 import redis.asyncio as aioredis
 from opensearchpy import AsyncOpenSearch
@@ -12,6 +14,11 @@ from opensearchpy import AsyncOpenSearch
 from infra.settings import Settings
 
 Check = Callable[[], Awaitable[None]]
+
+
+async def set_tenant(conn: Any, tenant: UUID | str) -> None:
+    """Scope `conn`'s transaction to one tenant: row-level security reads it."""
+    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
 
 
 def redis_client(url: str) -> aioredis.Redis:

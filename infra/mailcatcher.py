@@ -24,6 +24,8 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from infra.servers import free_port
+
 INDEX = "received.jsonl"
 
 
@@ -90,14 +92,6 @@ class MailCatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

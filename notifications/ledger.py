@@ -16,15 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from contract import AggregateType
+from infra.clients import set_tenant
 from streams.deadletters import until_reachable
-
-
-async def set_tenant(conn: AsyncConnection, tenant: UUID | str) -> None:
-    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
 
 
 @dataclass(frozen=True)

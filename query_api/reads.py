@@ -10,11 +10,12 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from psycopg import AsyncConnection, sql
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from contract import ConsistencyToken
+from infra.clients import set_tenant
 from infra.problems import AppError
 from saga import store as saga_store
 
@@ -189,8 +190,6 @@ class Reads:
         return {k: int(v) for k, v in rows[0].items()}
 
 
-async def set_tenant(conn: AsyncConnection, tenant: UUID) -> None:
-    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
 
 
 def encode_cursor(sort: str, direction: str, value: Any, last_id: UUID) -> str:

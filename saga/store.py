@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from infra.clients import set_tenant
 
 FORWARD = ("finalize", "notify", "sync")
 # The compensation of each forward step, run in reverse order of the steps done.
@@ -55,8 +56,6 @@ def of_row(row: dict[str, Any]) -> Completion:
     return Completion(**row)
 
 
-async def set_tenant(conn: AsyncConnection, tenant: UUID) -> None:
-    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)", (str(tenant),))
 
 
 class Completions:

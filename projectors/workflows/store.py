@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from contract import definition_of, user_of, workflow_of
+from infra.clients import set_tenant
 from projectors.projection import (
     Delivery,
     NonRetryable,
@@ -177,8 +178,7 @@ class WorkflowStore:
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 for tenant, deliveries in by_tenant.items():
-                    await conn.execute("SELECT set_config('ringiflow.tenant_id', %s, true)",
-                                       (str(tenant),))
+                    await set_tenant(conn, tenant)
                     await self._apply_tenant(conn, tenant, deliveries)
                 if self.schema == "read_model":  # delivered on commit, to waiting queries
                     await notify_applied(conn, "postgres", (
