@@ -1,11 +1,14 @@
-"""Command API throughput and latency (issue 3).
+"""Command API throughput and latency (issues 3 and 19).
 
-    python -m benchmarks.commands [--seconds 8] [--rounds 3]
+    python -m benchmarks.commands [--seconds 8] [--rounds 3] [--no-fsync]
 
 Prints, from one run on one embedded stack:
-  * the FastAPI no-op endpoint (GET /healthz of the same process) at concurrency 32;
-  * commands/s and p50/p99 over HTTP at concurrency 1 and 32 (a realistic mix:
-    CreateWorkflow, SubmitWorkflow, AddComment, ApproveStep x2 per workflow);
+  * with `wrk` as the client (a compiled load generator in its own process, 2
+    threads, 32 connections): the FastAPI no-op endpoint (GET /healthz of the same
+    processes), CreateWorkflow, and AddComment spread over 1,000 workflows;
+  * with a Python client (aiohttp, in this process: it takes CPU from the server)
+    the no-op and a realistic mix at concurrency 1 and 32 (CreateWorkflow,
+    SubmitWorkflow, AddComment, ApproveStep x2 per workflow);
   * sequential appends/s in-process (no HTTP) next to the `eventsourcing`
     library appending to the same PostgreSQL (pip install eventsourcing[postgres]).
 Each figure is the median of --rounds rounds.
@@ -21,14 +24,18 @@ from functools import cache
 from uuid import UUID, uuid4
 
 import aiohttp
+import orjson
 
 from benchmarks.common import (
     BENCH_SECRET,
+    WrkResult,
     add_broker_flag,
     app_process,
     embedded_stack,
+    lua_string,
     median,
     summary,
+    wrk,
 )
 from infra.auth import mint_token
 from infra.settings import Settings
@@ -82,9 +89,55 @@ async def workflow_cycle(session: aiohttp.ClientSession, base: str, who: Actors,
 
 
 def step_ids(workflow_id: UUID) -> tuple[UUID, UUID]:
-    from commands.domain import _step_id
+    from commands.domain.workflow.decide import step_id_of
 
-    return _step_id(workflow_id, 1), _step_id(workflow_id, 2)
+    return step_id_of(workflow_id, 1), step_id_of(workflow_id, 2)
+
+
+def wrk_headers(who: Actors) -> str:
+    auth = who.headers(who.initiator)["Authorization"]
+    return (f'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.headers[\"Authorization\"] = {lua_string(auth)}\n")
+
+
+async def wrk_workloads(base: str) -> tuple[str, str]:
+    """wrk scripts: CreateWorkflow (one body, a new workflow each time), and
+    AddComment where each wrk thread walks its own half of 1,000 workflows, so no
+    two requests in flight touch one stream (no version conflicts)."""
+    who = Actors()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+        definition = await setup(session, base, who)
+        body = {"definition_id": str(definition), "title": "bench"}
+        hi = who.headers(who.initiator)
+
+        async def create() -> str:
+            async with session.post(base + C + "/workflows", headers=hi, json=body) as r:
+                assert r.status == 201, await r.text()
+                return (await r.json())["aggregate_id"]
+
+        workflows: list[str] = []
+        for _ in range(10):
+            workflows += await asyncio.gather(*(create() for _ in range(100)))
+    create_script = (wrk_headers(who) + 'wrk.method = "POST"\n'
+                     f"wrk.body = {lua_string(orjson.dumps(body).decode())}\n")
+    paths = ", ".join(lua_string(f"{C}/workflows/{w}/comments") for w in workflows)
+    comment_script = wrk_headers(who) + f"""
+local paths = {{{paths}}}
+local half = math.floor(#paths / 2)
+local body = {lua_string(orjson.dumps({"body": "コメント"}).decode())}
+local threads = 0
+offset = 0
+local sent = 0
+setup = function(thread)
+  thread:set("offset", threads * half)
+  threads = threads + 1
+end
+request = function()
+  sent = sent + 1
+  return wrk.format("POST", paths[offset + sent % half + 1], nil, body)
+end
+"""
+    return create_script, comment_script
 
 
 async def http_commands(base: str, concurrency: int, seconds: float) -> tuple[float, list[float]]:
@@ -127,7 +180,8 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
     from psycopg_pool import AsyncConnectionPool
 
     from commands import domain
-    from commands.service import CommandContext, execute
+    from commands.cache import StateCache
+    from commands.service import CommandContext, Writer, execute
     from contract import new_trace_id
     from infra.auth import Principal
     from infra.settings import libpq_url
@@ -138,6 +192,10 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
     async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
                                    min_size=1, max_size=2,
                                    kwargs={"autocommit": True, "prepare_threshold": 1}) as pool:
+        # As the command API runs: recently written aggregates kept in the process, as
+        # the eventsourcing application below keeps its aggregate object.
+        writer = Writer(pool, StateCache(settings.command_state_cache))
+
         def ctx() -> CommandContext:
             return CommandContext(principal, uuid4(), uuid4(), new_trace_id(), None, None, "")
 
@@ -146,7 +204,7 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
         async def create(_conn: object) -> domain.Command:
             return first
 
-        await execute(pool, ctx(), "workflow", workflow, create)
+        await execute(writer, ctx(), "workflow", workflow, create)
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
         started = time.perf_counter()
@@ -163,7 +221,8 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
                 return c
 
             t0 = time.perf_counter()
-            await execute(pool, ctx(), "workflow", workflow, build)
+            await execute(writer, ctx(), "workflow", workflow, build,
+                          new=isinstance(command, domain.CreateWorkflow))
             latencies.append(time.perf_counter() - t0)
         return len(latencies) / (time.perf_counter() - started), latencies
 
@@ -236,18 +295,30 @@ def main() -> None:
         rate = median([r[0] for r in runs])
         return rate, [lat for r in runs for lat in r[1]]
 
+    def wrk_median(url: str, script: str = "") -> WrkResult:
+        runs = sorted((wrk(url, script, args.seconds) for _ in range(args.rounds)),
+                      key=lambda r: r.rate)
+        return runs[len(runs) // 2]
+
     print(f"cores: {os.cpu_count()}, fsync: {not args.no_fsync}, command API processes: "
           f"{args.processes}, {args.seconds:.0f} s x {args.rounds} rounds, medians")
     with embedded_stack(fsync=not args.no_fsync, broker=args.broker) as settings:
         with app_process("command-api", settings, "RINGIFLOW_COMMAND_API_PORT",
                          args.processes) as base:
             asyncio.run(http_noop(base, 8, 1))  # warm-up
+            create_script, comment_script = asyncio.run(wrk_workloads(base))
+            wrk_noop = wrk_median(base + "/healthz")
+            print(wrk_noop.line("wrk: FastAPI no-op GET /healthz, c=32"))
+            print(wrk_median(base + C + "/workflows", create_script).line(
+                "wrk: CreateWorkflow, c=32", wrk_noop.rate, "no-op"))
+            print(wrk_median(base, comment_script).line(
+                "wrk: AddComment, c=32", wrk_noop.rate, "no-op"))
             noop, noop_lat = best_of(lambda: asyncio.run(http_noop(base, 32, args.seconds)))
-            print(summary("FastAPI no-op GET /healthz, concurrency 32", noop, noop_lat))
+            print(summary("aiohttp: FastAPI no-op, c=32", noop, noop_lat))
             for concurrency in (1, 32):
                 rate, lat = best_of(lambda c=concurrency: asyncio.run(
                     http_commands(base, c, args.seconds)))
-                print(summary(f"commands over HTTP, concurrency {concurrency}", rate, lat, noop,
+                print(summary(f"aiohttp: command mix, c={concurrency}", rate, lat, noop,
                               "no-op"))
         es_rate, es_lat = best_of(eventsourcing_appends, settings, args.seconds)
         print(summary("eventsourcing library, sequential saves", es_rate, es_lat))

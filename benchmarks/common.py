@@ -5,7 +5,9 @@ because these machines are shared and noisy."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.provision import embedded_system
@@ -94,3 +97,55 @@ def summary(label: str, rate: float, latencies_s: list[float], baseline: float |
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# wrk's Lua `done` hook prints one JSON line the benchmark reads back.
+_WRK_REPORT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests": %d, "non2xx": %d, "socket_errors": %d, "duration_us": %d, '
+    .. '"p50_us": %d, "p99_us": %d}\\n', summary.requests, e.status,
+    e.connect + e.read + e.write + e.timeout, summary.duration,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rate: float  # successful requests per second
+    p50_s: float
+    p99_s: float
+    failed: int  # non-2xx answers and socket errors
+
+    def line(self, label: str, baseline: float | None = None, baseline_label: str = "") -> str:
+        text = (f"{label:<44} {self.rate:>9,.0f}/s  p50 {self.p50_s * 1000:6.1f} ms  "
+                f"p99 {self.p99_s * 1000:6.1f} ms")
+        if baseline:
+            text += f"  = {self.rate / baseline:.2f} x {baseline_label}"
+        return text + (f"  ({self.failed:,} failed)" if self.failed else "")
+
+
+def wrk(url: str, script: str = "", seconds: float = 8, connections: int = 32,
+        threads: int = 2) -> WrkResult:
+    """Load from `wrk` (Debian package `wrk`): a compiled client in its own process,
+    so the figure is the server's, not a Python client's. `script` is wrk Lua
+    (request shape); the report hook is added here."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script + _WRK_REPORT)
+        lua.flush()
+        out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections),
+                              "-d", f"{max(1, round(seconds))}s", "-s", lua.name, url],
+                             capture_output=True, text=True, check=True).stdout
+    report = json.loads(next(line[4:] for line in out.splitlines() if line.startswith("WRK ")))
+    failed = report["non2xx"] + report["socket_errors"]
+    ok = report["requests"] - report["non2xx"]
+    return WrkResult(ok / (report["duration_us"] / 1e6), report["p50_us"] / 1e6,
+                     report["p99_us"] / 1e6, failed)
+
+
+def lua_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -1,6 +1,6 @@
 """Outbox relay latency and throughput (issue 4).
 
-    python -m benchmarks.relay [--events 100000] [--rate 1000] [--seconds 10] [--rounds 3]
+    python -m benchmarks.relay [--events 100000] [--rate 1000] [--seconds 10] [--rounds 5]
 
 Prints, from one run on one embedded stack:
   * commit -> broker-ack latency (p50/p99) with events appended at --rate/s
@@ -8,7 +8,9 @@ Prints, from one run on one embedded stack:
     recorded as published_at);
   * sustained throughput draining a backlog of --events rows, as a ratio to a
     raw confluent-kafka producer (same settings: idempotent, acks=all, murmur2)
-    sending the same records to the same broker in the same run.
+    sending the same records to the same broker in the same run; the rounds run
+    back to back on one database, so a drain that decays as dead rows pile up
+    shows as falling ratios (issue 19: >= 0.4 in every one of 5 rounds).
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def backlog(settings: Settings, conn: psycopg.Connection, events: int) -> tuple[
     producer.flush(60)
     raw_rate = len(records) / (time.perf_counter() - started)
     print(f"  round: relay {relay_rate:,.0f} events/s over {start_pending:,} events, "
-          f"raw producer {raw_rate:,.0f} events/s")
+          f"raw producer {raw_rate:,.0f} events/s, ratio {relay_rate / raw_rate:.2f}",
+          flush=True)
     return relay_rate, raw_rate
 
 
@@ -150,7 +153,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     add_broker_flag(parser)
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}, embedded stack (fsync on)")
@@ -166,9 +169,11 @@ def main() -> None:
         rounds = [backlog(settings, conn, args.events) for _ in range(args.rounds)]
         relay_rate = statistics.median(r[0] for r in rounds)
         raw_rate = statistics.median(r[1] for r in rounds)
+        ratios = [r[0] / r[1] for r in rounds]
         print(f"backlog drain, median of {args.rounds}: relay {relay_rate:,.0f} events/s, raw "
-              f"producer {raw_rate:,.0f} events/s, ratio {relay_rate / raw_rate:.2f} "
-              "(target >= 20,000/s; goal ratio >= 0.6)")
+              f"producer {raw_rate:,.0f} events/s, ratio {relay_rate / raw_rate:.2f}; "
+              f"lowest round {min(ratios):.2f}, last/first {ratios[-1] / ratios[0]:.2f} "
+              "(target: >= 0.4 in every round, no decay)")
 
 
 if __name__ == "__main__":

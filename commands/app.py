@@ -18,12 +18,14 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, handlers, openapi, schemas
+from commands.cache import StateCache
 from commands.service import (
     CommandContext,
     IdempotencyKeyReused,
     NotAllowed,
     Outcome,
     VersionConflict,
+    Writer,
 )
 from contract import new_trace_id, parse_traceparent
 from infra import problems, tracing
@@ -86,7 +88,7 @@ STATUSES: problems.Statuses = {
 }
 
 
-def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator) -> APIRouter:
+def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRouter:
     """Parse, call the command's handler (`commands.handlers`), answer."""
     router = APIRouter(prefix="/api/v1/commands", tags=["commands"],
                        responses={401: {"description": "Missing or invalid credentials"},
@@ -106,7 +108,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     async def register_user(body: schemas.RegisterUserBody, request: Request,
                             response: Response, principal: Auth, key: IdemKey = None) -> dict:
         return respond(response, await handlers.register_user(
-            pool_of(), ctx(request, principal, body, key), body.user_id, body.display_name,
+            writer_of(), ctx(request, principal, body, key), body.user_id, body.display_name,
             body.email))
 
     @router.post("/users/{user_id}/rename", response_model=schemas.CommandAccepted,
@@ -114,7 +116,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
     async def rename_user(user_id: UUID, body: schemas.RenameUserBody, request: Request,
                           response: Response, principal: Auth, key: IdemKey = None) -> dict:
         return respond(response, await handlers.rename_user(
-            pool_of(), ctx(request, principal, body, key), user_id, body.display_name))
+            writer_of(), ctx(request, principal, body, key), user_id, body.display_name))
 
     @router.post("/users/{user_id}/notification-preferences",
                  response_model=schemas.CommandAccepted, summary="SetNotificationPreferences")
@@ -122,7 +124,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
             user_id: UUID, body: schemas.NotificationPreferencesBody, request: Request,
             response: Response, principal: Auth, key: IdemKey = None) -> dict:
         return respond(response, await handlers.set_notification_preferences(
-            pool_of(), ctx(request, principal, body, key), user_id, body.locale,
+            writer_of(), ctx(request, principal, body, key), user_id, body.locale,
             tuple(body.channels), body.chat_webhook_url))
 
     # --- definitions --------------------------------------------------------------
@@ -133,7 +135,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                                 response: Response, principal: Auth,
                                 key: IdemKey = None) -> dict:
         return respond(response, await handlers.create_definition(
-            pool_of(), ctx(request, principal, body, key), body.name,
+            writer_of(), ctx(request, principal, body, key), body.name,
             [(s.name, s.assignee_id) for s in body.steps], body.description))
 
     # --- workflows ----------------------------------------------------------------
@@ -144,7 +146,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                               response: Response, principal: Auth,
                               key: IdemKey = None) -> dict:
         return respond(response, await handlers.create_workflow(
-            pool_of(), ctx(request, principal, body, key), body.definition_id, body.title,
+            writer_of(), ctx(request, principal, body, key), body.definition_id, body.title,
             body.description, body.priority, body.due_date,
             tuple(document_info(d) for d in body.documents)))
 
@@ -153,7 +155,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
         async def handler(workflow_id: UUID, body: body_type, request: Request,  # type: ignore[valid-type]
                           response: Response, principal: Auth, key: IdemKey = None) -> dict:
             return respond(response, await handlers.on_workflow(
-                pool_of(), ctx(request, principal, body, key), workflow_id, make(body)))
+                writer_of(), ctx(request, principal, body, key), workflow_id, make(body)))
 
         router.add_api_route(f"/workflows/{{workflow_id}}{path}", handler, methods=["POST"],
                              response_model=schemas.CommandAccepted, summary=summary,
@@ -176,7 +178,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                           request: Request, response: Response, principal: Auth,
                           key: IdemKey = None) -> dict:
             return respond(response, await handlers.on_workflow(
-                pool_of(), ctx(request, principal, body, key), workflow_id,
+                writer_of(), ctx(request, principal, body, key), workflow_id,
                 make(step_id, body)))
 
         router.add_api_route(f"/workflows/{{workflow_id}}/steps/{{step_id}}{path}", handler,
@@ -196,7 +198,7 @@ def build_router(pool_of: Callable[[], AsyncConnectionPool], auth: Authenticator
                             request: Request, response: Response, principal: Auth,
                             key: IdemKey = None) -> dict:
         return respond(response, await handlers.delegate_step(
-            pool_of(), ctx(request, principal, body, key), workflow_id, step_id,
+            writer_of(), ctx(request, principal, body, key), workflow_id, step_id,
             body.delegate_to, body.comment))
 
     return router
@@ -210,7 +212,7 @@ def document_info(body: schemas.DocumentBody) -> domain.DocumentInfo:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    holder: dict[str, AsyncConnectionPool] = {}
+    holder: dict[str, Writer] = {}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -220,7 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
             kwargs={"autocommit": True, "prepare_threshold": 1},
         )
         await pool.open(wait=False)
-        holder["pool"] = pool
+        holder["writer"] = Writer(pool, StateCache(settings.command_state_cache))
         try:
             yield
         finally:
@@ -237,5 +239,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=settings.max_body_bytes,
                        max_json_depth=settings.max_json_depth)
     app.include_router(health_router("command-api", readiness_checks(settings, "command")))
-    app.include_router(build_router(lambda: holder["pool"], auth))
+    app.include_router(build_router(lambda: holder["writer"], auth))
     return app

@@ -9,10 +9,9 @@ from datetime import datetime
 from uuid import UUID, uuid4
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, store
-from commands.service import CommandContext, NotAllowed, Outcome, execute
+from commands.service import CommandContext, NotAllowed, Outcome, Writer, execute
 from contract import AggregateType, Priority, StepTemplateSnapshot
 
 DIRECTORY_ROLES = {"admin", "service"}
@@ -35,38 +34,38 @@ def unknown_users(ids: set[UUID], field: str) -> domain.UnknownReference:
         "(POST /api/v1/commands/users)")
 
 
-async def _run(pool: AsyncConnectionPool, ctx: CommandContext, aggregate_type: AggregateType,
+async def _run(writer: Writer, ctx: CommandContext, aggregate_type: AggregateType,
                aggregate_id: UUID, command: domain.Command, created: bool = False) -> Outcome:
     async def build(_conn: AsyncConnection) -> domain.Command:
         return command
 
-    return await execute(pool, ctx, aggregate_type, aggregate_id, build, 201 if created else 200)
+    return await execute(writer, ctx, aggregate_type, aggregate_id, build, 201 if created else 200)
 
 
-async def register_user(pool: AsyncConnectionPool, ctx: CommandContext, user_id: UUID | None,
+async def register_user(writer: Writer, ctx: CommandContext, user_id: UUID | None,
                         display_name: str, email: str) -> Outcome:
     require_directory_role(ctx, "registering a user")
-    return await _run(pool, ctx, AggregateType.USER, user_id or uuid4(),
+    return await _run(writer, ctx, AggregateType.USER, user_id or uuid4(),
                       domain.RegisterUser(display_name, email), created=True)
 
 
-async def rename_user(pool: AsyncConnectionPool, ctx: CommandContext, user_id: UUID,
+async def rename_user(writer: Writer, ctx: CommandContext, user_id: UUID,
                       display_name: str) -> Outcome:
     if ctx.principal.user_id != user_id:  # anyone may rename themselves
         require_directory_role(ctx, "renaming another user")
-    return await _run(pool, ctx, AggregateType.USER, user_id, domain.RenameUser(display_name))
+    return await _run(writer, ctx, AggregateType.USER, user_id, domain.RenameUser(display_name))
 
 
 async def set_notification_preferences(
-        pool: AsyncConnectionPool, ctx: CommandContext, user_id: UUID, locale: str,
+        writer: Writer, ctx: CommandContext, user_id: UUID, locale: str,
         channels: tuple[str, ...], chat_webhook_url: str | None) -> Outcome:
     if ctx.principal.user_id != user_id:  # anyone may choose for themselves
         require_directory_role(ctx, "setting another user's notification preferences")
-    return await _run(pool, ctx, AggregateType.USER, user_id,
+    return await _run(writer, ctx, AggregateType.USER, user_id,
                       domain.SetNotificationPreferences(locale, channels, chat_webhook_url))
 
 
-async def create_definition(pool: AsyncConnectionPool, ctx: CommandContext, name: str,
+async def create_definition(writer: Writer, ctx: CommandContext, name: str,
                             steps: list[tuple[str, UUID]], description: str | None) -> Outcome:
     """`steps`: (name, assignee id) in order."""
     require_directory_role(ctx, "creating a definition")
@@ -79,40 +78,41 @@ async def create_definition(pool: AsyncConnectionPool, ctx: CommandContext, name
         return domain.CreateDefinition(
             name, tuple(domain.StepTemplate(n, assignee) for n, assignee in steps), description)
 
-    return await execute(pool, ctx, AggregateType.DEFINITION, uuid4(), build, 201)
+    return await execute(writer, ctx, AggregateType.DEFINITION, uuid4(), build, 201,
+                         new=True)
 
 
-async def create_workflow(pool: AsyncConnectionPool, ctx: CommandContext, definition_id: UUID,
+async def create_workflow(writer: Writer, ctx: CommandContext, definition_id: UUID,
                           title: str, description: str | None, priority: Priority | str,
                           due_date: datetime | None,
                           documents: tuple[domain.DocumentInfo, ...]) -> Outcome:
     tenant = ctx.principal.tenant_id
 
     async def build(conn: AsyncConnection) -> domain.Command:
-        snapshot = (await store.latest_snapshots(conn, tenant, AggregateType.DEFINITION,
-                                                 {definition_id})).get(definition_id)
+        snapshot, assignees = await store.definition_with_assignees(conn, tenant, definition_id)
         steps: list[StepTemplateSnapshot] = snapshot["steps"] if snapshot else []
         definition = domain.DefinitionState(
             definition_id, version=snapshot["version"] if snapshot else 0,
             name=snapshot["name"] if snapshot else "",
             steps=tuple(domain.StepTemplate(s["name"], UUID(s["assignee_id"])) for s in steps))
-        names = await user_names(conn, tenant, {t.assignee_id for t in definition.steps})
+        names = {user_id: user["display_name"] for user_id, user in assignees.items()}
         return domain.CreateWorkflow(
             definition_id=definition_id, definition_name=definition.name,
             steps=domain.resolve_steps(definition, names), title=title,
             description=description, priority=priority, due_date=due_date,
             documents=documents)
 
-    return await execute(pool, ctx, AggregateType.WORKFLOW, uuid4(), build, 201)
+    # A new id: nothing to load, so the command costs the lookup and the append.
+    return await execute(writer, ctx, AggregateType.WORKFLOW, uuid4(), build, 201, new=True)
 
 
-async def on_workflow(pool: AsyncConnectionPool, ctx: CommandContext, workflow_id: UUID,
+async def on_workflow(writer: Writer, ctx: CommandContext, workflow_id: UUID,
                       command: domain.Command) -> Outcome:
     """A workflow command that needs nothing from other aggregates."""
-    return await _run(pool, ctx, AggregateType.WORKFLOW, workflow_id, command)
+    return await _run(writer, ctx, AggregateType.WORKFLOW, workflow_id, command)
 
 
-async def delegate_step(pool: AsyncConnectionPool, ctx: CommandContext, workflow_id: UUID,
+async def delegate_step(writer: Writer, ctx: CommandContext, workflow_id: UUID,
                         step_id: UUID, delegate_to: UUID, comment: str | None) -> Outcome:
     async def build(conn: AsyncConnection) -> domain.Command:
         names = await user_names(conn, ctx.principal.tenant_id, {delegate_to})
@@ -120,4 +120,4 @@ async def delegate_step(pool: AsyncConnectionPool, ctx: CommandContext, workflow
             raise unknown_users({delegate_to}, "delegate_to")
         return domain.DelegateStep(step_id, delegate_to, names[delegate_to], comment)
 
-    return await execute(pool, ctx, AggregateType.WORKFLOW, workflow_id, build)
+    return await execute(writer, ctx, AggregateType.WORKFLOW, workflow_id, build)

@@ -1,4 +1,4 @@
-"""Executing one command: load, decide, append, all in one transaction. No HTTP: a
+"""Executing one command: state, decide, append (ADR 0002, 0013). No HTTP: a
 refusal is a domain error or one of the application errors below, which the edge maps
 to problem+json (`commands.app`)."""
 
@@ -8,12 +8,14 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
+from prometheus_client import Counter
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, store
+from commands.cache import StateCache
 from contract import (
     AggregateType,
     ConsistencyToken,
@@ -26,6 +28,12 @@ from infra.auth import Principal
 from infra.problems import AppError
 
 BuildCommand = Callable[[AsyncConnection], Awaitable[domain.Command]]
+
+# How each command found its aggregate's state (ADR 0013): `cached` (the process's
+# copy was current: one round trip), `stale` (the append brought it up to date),
+# `loaded`, or `new` (an id generated here: nothing to load).
+STATE_SOURCE = Counter("ringiflow_command_state_total",
+                       "Commands by where their aggregate's state came from", ["source"])
 
 
 class VersionConflict(AppError):
@@ -61,6 +69,15 @@ class CommandContext:
 
 
 @dataclass(frozen=True)
+class Writer:
+    """Where commands are written: the pool of the command role, and the process's
+    cache of recently written aggregates (none: every command loads its stream)."""
+
+    pool: AsyncConnectionPool
+    cache: StateCache | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     status_code: int
     body: dict[str, Any]
@@ -69,69 +86,116 @@ class Outcome:
 
 def envelopes_for(
     state: domain.AggregateState, events: list[domain.DomainEvent], ctx: CommandContext,
-) -> list[EventEnvelope]:
-    """Number the events after the current version and attach the state after each."""
+) -> tuple[list[EventEnvelope], domain.AggregateState]:
+    """Number the events after the current version and attach the state after each;
+    also the state after the last."""
     now = utcnow()
     out: list[EventEnvelope] = []
     aggregate_type = type(state).__name__.removesuffix("State").lower()
+    # Built without a second validation: every value is made here, of the declared
+    # types (the contract tests hold decide's payloads and snapshots to their models).
+    metadata = EventMetadata.model_construct(
+        tenant_id=ctx.principal.tenant_id, user_id=ctx.principal.user_id,
+        correlation_id=ctx.correlation_id, causation_id=ctx.command_id,
+        trace_id=ctx.trace_id, is_reconstructed=False)
+    kind = AggregateType(aggregate_type)
     for event in events:
         state = domain.evolve(state, event)
-        out.append(EventEnvelope(
-            event_type=event.event_type, aggregate_type=AggregateType(aggregate_type),
-            aggregate_id=state.id, version=state.version, occurred_at=now,
-            payload=event.payload, aggregate=state.snapshot(),
-            metadata=EventMetadata(
-                tenant_id=ctx.principal.tenant_id, user_id=ctx.principal.user_id,
-                correlation_id=ctx.correlation_id, causation_id=ctx.command_id,
-                trace_id=ctx.trace_id,
-            ),
-        ))
-    return out
+        out.append(EventEnvelope.model_construct(
+            event_id=uuid4(), event_type=event.event_type, schema_version=1,
+            aggregate_type=kind, aggregate_id=state.id, version=state.version,
+            occurred_at=now, payload=event.payload, aggregate=state.snapshot(),
+            metadata=metadata))
+    return out, state
 
 
 async def execute(
-    pool: AsyncConnectionPool, ctx: CommandContext, aggregate_type: str, aggregate_id: UUID,
-    build: BuildCommand, created_status: int = 200,
+    writer: Writer, ctx: CommandContext, aggregate_type: str, aggregate_id: UUID,
+    build: BuildCommand, created_status: int = 200, *, new: bool = False,
 ) -> Outcome:
-    """Load, decide, append: two round trips on an autocommit connection."""
+    """Decide on the aggregate's state and append, on an autocommit connection.
+
+    The state comes from the writer's cache (one round trip when it is current), or is empty
+    when `new` says the id was just generated here, or is loaded (two round
+    trips). The append writes only at the version decided on; a cached copy that
+    turns out stale is brought up to date and the command decided again, so a
+    stale copy never refuses a command or writes one (ADR 0013)."""
     principal, tenant = ctx.principal, ctx.principal.tenant_id
     actor = domain.Actor(principal.user_id, principal.name, principal.roles)
-    async with pool.connection() as conn:
+    key = (tenant, aggregate_type, aggregate_id)
+    cache = writer.cache
+    async with writer.pool.connection() as conn:
         if ctx.idempotency_key:
             stored = await store.stored_response(conn, tenant, ctx.idempotency_key)
             if stored is not None:
                 return _replay(stored, ctx)
-        state = await store.load(conn, tenant, aggregate_type, aggregate_id)
-        if ctx.expected_version is not None and state.version != ctx.expected_version:
-            raise _conflict(aggregate_type, aggregate_id, state.version,
-                            f"expected version {ctx.expected_version}")
-        events = domain.decide(await build(conn), state, actor, utcnow())
-        envelopes = envelopes_for(state, events, ctx)
-        result = {
-            "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
-            "version": envelopes[-1].version, "event_ids": [str(e.event_id) for e in envelopes],
-            "correlation_id": str(ctx.correlation_id), "command_id": str(ctx.command_id),
-        }
-        idempotency = None
-        if ctx.idempotency_key:
-            idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
-                           "status_code": created_status, "response": result}
-        try:
-            with tracing.tracer.start_as_current_span(
-                    f"append {aggregate_type}", attributes={
-                        "ringiflow.aggregate_id": str(aggregate_id),
-                        "ringiflow.version": envelopes[-1].version,
-                        "ringiflow.event_types": [e.event_type for e in envelopes]}):
-                await store.append(conn, tenant, envelopes, idempotency)
-        except store.VersionConflict:
-            current = await store.current_version(conn, tenant, aggregate_id)
-            raise _conflict(aggregate_type, aggregate_id, current,
-                            "another command changed it first") from None
-        except store.IdempotencyKeyTaken:
-            stored = await store.stored_response(conn, tenant, ctx.idempotency_key or "")
-            assert stored is not None
-            return _replay(stored, ctx)
-        return Outcome(created_status, response_body(result))
+        command = await build(conn)
+        cached = cache.get(key) if cache is not None else None
+        # `current`: the state is the stream's head as of this command (not a copy).
+        if cached is not None:
+            state, current, source = cached, False, "cached"
+        elif new:
+            state, current, source = domain.initial_state(aggregate_type, aggregate_id), True, "new"
+        else:
+            state, current, source = await store.load(conn, tenant, aggregate_type,
+                                                      aggregate_id), True, "loaded"
+        while True:
+            expected = ctx.expected_version
+            if not current and expected is not None and state.version != expected:
+                state, current, source = await store.load(conn, tenant, aggregate_type,
+                                                          aggregate_id), True, "stale"
+            if expected is not None and state.version != expected:
+                raise _conflict(aggregate_type, aggregate_id, state.version,
+                                f"expected version {expected}")
+            try:
+                events = domain.decide(command, state, actor, utcnow())
+            except domain.DomainError:
+                if current:
+                    raise
+                state, current, source = await store.load(conn, tenant, aggregate_type,
+                                                          aggregate_id), True, "stale"
+                continue
+            envelopes, after = envelopes_for(state, events, ctx)
+            result = {
+                "aggregate_type": aggregate_type, "aggregate_id": str(aggregate_id),
+                "version": after.version, "event_ids": [str(e.event_id) for e in envelopes],
+                "correlation_id": str(ctx.correlation_id), "command_id": str(ctx.command_id),
+            }
+            idempotency = None
+            if ctx.idempotency_key:
+                idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
+                               "status_code": created_status, "response": result}
+            try:
+                with tracing.tracer.start_as_current_span(
+                        f"append {aggregate_type}", attributes={
+                            "ringiflow.aggregate_id": str(aggregate_id),
+                            "ringiflow.version": after.version,
+                            "ringiflow.event_types": [e.event_type for e in envelopes]}):
+                    appended = await store.append_at(conn, tenant, aggregate_type,
+                                                     aggregate_id, state.version, envelopes,
+                                                     idempotency)
+            except store.VersionConflict:
+                if cache is not None:
+                    cache.drop(key)
+                head = await store.current_version(conn, tenant, aggregate_id)
+                raise _conflict(aggregate_type, aggregate_id, head,
+                                "another command changed it first") from None
+            except store.IdempotencyKeyTaken:
+                stored = await store.stored_response(conn, tenant, ctx.idempotency_key or "")
+                assert stored is not None
+                return _replay(stored, ctx)
+            if isinstance(appended, int):
+                STATE_SOURCE.labels(source).inc()
+                if cache is not None:
+                    cache.put(key, after)
+                return Outcome(created_status, response_body(result))
+            if current or not appended:
+                # Moved on after a real load: another command won the race, as before.
+                if cache is not None:
+                    cache.drop(key)
+                raise _conflict(aggregate_type, aggregate_id, state.version + len(appended),
+                                "another command changed it first")
+            state, current, source = domain.fold(state, appended), True, "stale"
 
 
 def response_body(result: dict[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 Each call is one statement on an autocommit connection of the least-privilege
 command role: a server-side function sets the tenant for row-level security
-and does its work in that statement's own transaction. A command therefore
-costs two round trips (load, append); optimistic concurrency rests on the
-unique (aggregate_id, version), so the load need not share the append's
-transaction."""
+and does its work in that statement's own transaction. A command costs at
+most two round trips (load, append), one when the process still holds the
+aggregate (ADR 0013); optimistic concurrency rests on the unique (tenant_id,
+aggregate_id, version), so the load need not share the append's transaction."""
 
 from __future__ import annotations
 
@@ -67,31 +67,72 @@ async def stored_response(conn: AsyncConnection, tenant_id: UUID,
     return StoredResponse(*row) if row else None
 
 
+async def definition_with_assignees(
+        conn: AsyncConnection, tenant_id: UUID, definition_id: UUID,
+) -> tuple[dict[str, Any] | None, dict[UUID, dict[str, Any]]]:
+    """A definition's current snapshot and its assignees' (by id), in one round trip."""
+    cur = await conn.execute("SELECT * FROM event_store.definition_with_assignees(%s, %s)",
+                             (tenant_id, definition_id))
+    definition, users = None, {}
+    for aggregate_type, aggregate_id, _version, aggregate in await cur.fetchall():
+        if aggregate_type == "definition":
+            definition = aggregate
+        else:
+            users[aggregate_id] = aggregate
+    return definition, users
+
+
+def _outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
+    # The append span's context goes with each outbox row: the relay continues it.
+    span = tracing.current_span_context()
+    span_id = f"{span.span_id:016x}" if span is not None else None
+    return Jsonb([{"envelope": envelope.model_dump(mode="json"),
+                   "topic": events_topic_name(envelope.aggregate_type),
+                   "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
+                  for envelope in envelopes])
+
+
+def _refusal(exc: UniqueViolation) -> Exception:
+    constraint = exc.diag.constraint_name or ""
+    if constraint == "events_aggregate_version":
+        return VersionConflict()
+    if constraint == "idempotency_keys_pkey":
+        return IdempotencyKeyTaken()
+    return exc
+
+
 async def append(conn: AsyncConnection, tenant_id: UUID, envelopes: list[EventEnvelope],
                  idempotency: dict[str, Any] | None = None) -> int:
     """Append events with their outbox rows (and the idempotency record) atomically;
     return the last event's global position."""
-    # The append span's context goes with each outbox row: the relay continues it.
-    span = tracing.current_span_context()
-    span_id = f"{span.span_id:016x}" if span is not None else None
-    items = [{"envelope": envelope.model_dump(mode="json"),
-              "topic": events_topic_name(envelope.aggregate_type),
-              "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
-             for envelope in envelopes]
     try:
         cur = await conn.execute("SELECT event_store.append_events(%s, %s, %s)",
-                                 (tenant_id, Jsonb(items),
+                                 (tenant_id, _outbox_items(envelopes),
                                   Jsonb(idempotency) if idempotency else None))
     except UniqueViolation as exc:
-        constraint = exc.diag.constraint_name or ""
-        if constraint == "events_aggregate_version":
-            raise VersionConflict from exc
-        if constraint == "idempotency_keys_pkey":
-            raise IdempotencyKeyTaken from exc
-        raise
+        raise _refusal(exc) from exc
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
+                    aggregate_id: UUID, head: int, envelopes: list[EventEnvelope],
+                    idempotency: dict[str, Any] | None = None) -> int | list[DomainEvent]:
+    """`append` if the stream is still at version `head`: the last event's global
+    position. If it moved on, nothing is written and the events after `head` are
+    returned instead (ADR 0013)."""
+    try:
+        cur = await conn.execute("SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %s)",
+                                 (tenant_id, aggregate_type, aggregate_id, head,
+                                  _outbox_items(envelopes),
+                                  Jsonb(idempotency) if idempotency else None))
+    except UniqueViolation as exc:
+        raise _refusal(exc) from exc
+    rows = await cur.fetchall()
+    if len(rows) == 1 and rows[0][0] is not None:
+        return int(rows[0][0])
+    return [DomainEvent(event_type, payload) for _p, event_type, payload in rows]
 
 
 async def current_version(conn: AsyncConnection, tenant_id: UUID, aggregate_id: UUID) -> int:

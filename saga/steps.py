@@ -23,7 +23,7 @@ from confluent_kafka import KafkaException, Producer
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, handlers
-from commands.service import CommandContext
+from commands.service import CommandContext, Writer
 from contract import NOTIFICATION_COMMANDS, AggregateType, NotificationCommand
 from infra.auth import Principal
 from infra.settings import Settings
@@ -67,7 +67,8 @@ class Effects:
         ctx = CommandContext(principal, uuid5(NAMESPACE_URL, key), saga.workflow_id, "", key,
                              None, f"saga {key} {command!r}")
         try:
-            outcome = await handlers.on_workflow(self.commands, ctx, saga.workflow_id, command)
+            outcome = await handlers.on_workflow(Writer(self.commands), ctx, saga.workflow_id,
+                                                 command)
         except domain.DomainError as exc:
             raise StepFailed(f"{type(command).__name__} refused: {exc}") from exc
         except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
