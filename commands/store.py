@@ -101,27 +101,13 @@ def _refusal(exc: UniqueViolation) -> Exception:
     return exc
 
 
-async def append(conn: AsyncConnection, tenant_id: UUID, envelopes: list[EventEnvelope],
-                 idempotency: dict[str, Any] | None = None) -> int:
-    """Append events with their outbox rows (and the idempotency record) atomically;
-    return the last event's global position."""
-    try:
-        cur = await conn.execute("SELECT event_store.append_events(%s, %s, %s)",
-                                 (tenant_id, _outbox_items(envelopes),
-                                  Jsonb(idempotency) if idempotency else None))
-    except UniqueViolation as exc:
-        raise _refusal(exc) from exc
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
                     aggregate_id: UUID, head: int, envelopes: list[EventEnvelope],
                     idempotency: dict[str, Any] | None = None) -> int | list[DomainEvent]:
-    """`append` if the stream is still at version `head`: the last event's global
-    position. If it moved on, nothing is written and the events after `head` are
-    returned instead (ADR 0013)."""
+    """Append events with their outbox rows (and the idempotency record) atomically,
+    if the stream is still at version `head`: the last event's global position. If
+    it moved on, nothing is written and the events after `head` are returned
+    instead (ADR 0013)."""
     try:
         cur = await conn.execute("SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %s)",
                                  (tenant_id, aggregate_type, aggregate_id, head,
