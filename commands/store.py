@@ -19,7 +19,7 @@ from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from commands.domain import AggregateState, DomainEvent, fold, initial_state
-from contract import EventEnvelope, events_topic_name, record_headers
+from contract import EventEnvelope, envelope_json, events_topic_name, record_headers
 from infra import tracing
 
 set_json_dumps(orjson.dumps)
@@ -86,7 +86,7 @@ def _outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
     # The append span's context goes with each outbox row: the relay continues it.
     span = tracing.current_span_context()
     span_id = f"{span.span_id:016x}" if span is not None else None
-    return Jsonb([{"envelope": envelope.model_dump(mode="json"),
+    return Jsonb([{"envelope": envelope_json(envelope),
                    "topic": events_topic_name(envelope.aggregate_type),
                    "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
                   for envelope in envelopes])

@@ -11,6 +11,7 @@ from contract.codec import (
     UndecodableRecord,
     decode_envelope,
     encode_envelope,
+    envelope_json,
     new_trace_id,
     parse_traceparent,
     record_headers,
@@ -86,7 +87,8 @@ __all__ = [
     "StepTemplateSnapshot", "Topic", "UndecodableRecord", "UnknownEventType",
     "UnsupportedSchemaVersion", "Upcaster", "UserSnapshot", "WorkflowSnapshot",
     "WorkflowStatus", "all_topics", "applied_payloads", "decode_envelope", "definition_of",
-    "dlq_topic", "encode_envelope", "events_topic_name", "names_of", "new_trace_id",
+    "dlq_topic", "encode_envelope",
+    "envelope_json", "events_topic_name", "names_of", "new_trace_id",
     "parse_applied", "parse_traceparent", "record_headers", "stored_envelope", "to_record",
     "traceparent", "user_of", "utcnow", "workflow_of",
 ]

@@ -185,6 +185,38 @@ def test_the_relay_survives_losing_its_database_sessions(fresh_db: Settings) -> 
         assert per_aggregate(consumed)[aggregate] == [1, 2]
 
 
+def test_database_sessions_killed_mid_drain_lose_and_reorder_nothing(
+        fresh_db: Settings) -> None:
+    """Batch N+1 is produced while N is marked: killing the relay's sessions in
+    that window (several times, through a backlog) may re-send, never skip or
+    reorder."""
+    url = fresh_db.database_url or ""
+    tenant = uuid4()
+    ids = append_streams(url, aggregates=200, versions=40, tenant=tenant)  # 8,000 events
+    with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT",
+                   RINGIFLOW_RELAY_BATCH_SIZE="400"), \
+            psycopg.connect(libpq_url(url), autocommit=True) as admin:
+        kills = 0
+        deadline = time.monotonic() + 60
+        while kills < 4 and time.monotonic() < deadline:
+            if published_count(url) >= 1000 * (kills + 1):
+                row = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE usename = 'ringiflow_relay' AND datname = current_database()"
+                ).fetchone()
+                kills += bool(row and row[0])
+            time.sleep(0.005)
+        assert kills >= 2 and published_count(url) < 8000, "drained before the kills"
+        assert wait_all_published(url, timeout_s=90)["pending"] == 0
+    consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC,
+                                      {row[0] for row in outbox_event_ids(url)}))
+    versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
+    assert len(versions) == 200
+    for aggregate, seen in versions.items():
+        assert set(seen) == set(range(1, 41)), aggregate
+        assert never_ahead(seen), (aggregate, seen)
+
+
 @pytest.mark.slow
 def test_a_broker_that_comes_back_empty_is_refilled_in_version_order(
     fresh_db: Settings, tmp_path: Path,

@@ -157,3 +157,57 @@ def test_every_aggregate_type_has_registered_events() -> None:
 def test_malformed_traceparent_is_rejected(value: str) -> None:
     with pytest.raises(ValueError):
         contract.parse_traceparent(value)
+
+
+@pytest.mark.parametrize("occurred_at", [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+                                         datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC)])
+@pytest.mark.parametrize("metadata", [
+    EventMetadata(tenant_id=uuid4(), user_id=uuid4(), correlation_id=uuid4(),
+                  causation_id=uuid4(), trace_id=contract.new_trace_id()),
+    EventMetadata(tenant_id=uuid4(), correlation_id=uuid4(), is_reconstructed=True),
+])
+def test_envelope_json_is_what_pydantic_writes(occurred_at: datetime,
+                                               metadata: EventMetadata) -> None:
+    """The append path writes envelopes with `envelope_json`; the stored and
+    published JSON must stay the model's own."""
+    one = envelope(occurred_at=occurred_at, metadata=metadata,
+                   payload={"steps": [{"name": "課長", "due": None}], "n": 3, "ok": True},
+                   aggregate={"comments": [], "title": "稟議 \"引用\" \\ 改行\n"})
+    assert contract.envelope_json(one) == one.model_dump(mode="json")
+
+
+def test_envelope_json_of_every_event_a_workflow_lives_through() -> None:
+    """The real payloads and snapshots: a workflow created, commented, documented,
+    submitted, approved at both steps."""
+    from commands import domain
+    from commands.domain.workflow.decide import step_id_of
+    from commands.service import CommandContext, envelopes_for
+    from infra.auth import Principal
+
+    tenant, initiator, a1, a2 = uuid4(), uuid4(), uuid4(), uuid4()
+    workflow = uuid4()
+    state = domain.initial_state("workflow", workflow)
+    due = datetime(2099, 1, 1, tzinfo=UTC)
+    commands = [
+        (initiator, domain.CreateWorkflow(
+            uuid4(), "稟議", (domain.ResolvedStep("課長", a1, "一"),
+                            domain.ResolvedStep("部長", a2, "二")),
+            "ノートPC", description="説明", due_date=due)),
+        (initiator, domain.AddComment("コメント")),
+        (initiator, domain.AttachDocument(uuid4(), "見積.pdf", "application/pdf", 1024,
+                                          "a" * 64, None)),
+        (initiator, domain.SubmitWorkflow()),
+        (a1, domain.ApproveStep(step_id_of(workflow, 1), "可")),
+        (a2, domain.ApproveStep(step_id_of(workflow, 2), None)),
+    ]
+    checked = 0
+    for user, command in commands:
+        actor = domain.Actor(user, "利用者", ("user",))
+        events = domain.decide(command, state, actor, datetime.now(UTC))
+        ctx = CommandContext(Principal(tenant, user, "利用者", ("user",)), uuid4(), uuid4(),
+                             contract.new_trace_id(), None, None, "")
+        envelopes, state = envelopes_for(state, events, ctx)
+        for one in envelopes:
+            assert contract.envelope_json(one) == one.model_dump(mode="json"), one.event_type
+            checked += 1
+    assert checked >= 9 and state.status == "approved"
