@@ -43,8 +43,14 @@ class Worker:
         return f"http://127.0.0.1:{self.port}"
 
 
-def worker(group: str, settings: Settings) -> Worker:
+def worker(group: str, settings: Settings, taken: set[int]) -> Worker:
+    """`taken`: ports this process listens on or already gave a worker. The ports
+    are chosen before the supervisor binds its own, so a free port now can be its
+    own port a moment later (a worker then fails to bind on every restart)."""
     port = free_port()
+    while port in taken:
+        port = free_port()
+    taken.add(port)
     env = {**os.environ, "RINGIFLOW_WORKERS_HOST": "127.0.0.1"}
     # In this process's group, so whoever stops `run workers` can sweep the group.
     return Worker(Child(group, [sys.executable, "-m", "ringiflow", "projector", group,
@@ -54,7 +60,8 @@ def worker(group: str, settings: Settings) -> Worker:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    workers = [worker(group, settings) for group in (*CATALOGUE, *SERVICES)]
+    taken = {settings.workers_port}
+    workers = [worker(group, settings, taken) for group in (*CATALOGUE, *SERVICES)]
 
     async def supervise() -> None:
         while True:
