@@ -32,8 +32,10 @@ BuildCommand = Callable[[AsyncConnection], Awaitable[domain.Command]]
 # How each command found its aggregate's state (ADR 0013): `cached` (the process's
 # copy was current: one round trip), `stale` (the append brought it up to date),
 # `loaded`, or `new` (an id generated here: nothing to load).
-STATE_SOURCE = Counter("ringiflow_command_state_total",
-                       "Commands by where their aggregate's state came from", ["source"])
+_STATE_SOURCE = Counter("ringiflow_command_state_total",
+                        "Commands by where their aggregate's state came from", ["source"])
+STATE_SOURCE = {source: _STATE_SOURCE.labels(source)
+                for source in ("cached", "stale", "loaded", "new")}  # bound once: a hot path
 
 
 class VersionConflict(AppError):
@@ -125,6 +127,9 @@ async def execute(
     key = (tenant, aggregate_type, aggregate_id)
     cache = writer.cache
     async with writer.pool.connection() as conn:
+        async def load() -> domain.AggregateState:
+            return await store.load(conn, tenant, aggregate_type, aggregate_id)
+
         if ctx.idempotency_key:
             stored = await store.stored_response(conn, tenant, ctx.idempotency_key)
             if stored is not None:
@@ -137,13 +142,11 @@ async def execute(
         elif new:
             state, current, source = domain.initial_state(aggregate_type, aggregate_id), True, "new"
         else:
-            state, current, source = await store.load(conn, tenant, aggregate_type,
-                                                      aggregate_id), True, "loaded"
+            state, current, source = await load(), True, "loaded"
         while True:
             expected = ctx.expected_version
             if not current and expected is not None and state.version != expected:
-                state, current, source = await store.load(conn, tenant, aggregate_type,
-                                                          aggregate_id), True, "stale"
+                state, current, source = await load(), True, "stale"
             if expected is not None and state.version != expected:
                 raise _conflict(aggregate_type, aggregate_id, state.version,
                                 f"expected version {expected}")
@@ -152,8 +155,7 @@ async def execute(
             except domain.DomainError:
                 if current:
                     raise
-                state, current, source = await store.load(conn, tenant, aggregate_type,
-                                                          aggregate_id), True, "stale"
+                state, current, source = await load(), True, "stale"
                 continue
             envelopes, after = envelopes_for(state, events, ctx)
             result = {
@@ -185,7 +187,7 @@ async def execute(
                 assert stored is not None
                 return _replay(stored, ctx)
             if isinstance(appended, int):
-                STATE_SOURCE.labels(source).inc()
+                STATE_SOURCE[source].inc()
                 if cache is not None:
                     cache.put(key, after)
                 return Outcome(created_status, response_body(result))

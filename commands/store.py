@@ -92,13 +92,14 @@ def _outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
                   for envelope in envelopes])
 
 
-def _refusal(exc: UniqueViolation) -> Exception:
+def _refusal(exc: UniqueViolation) -> Exception | None:
+    """The refusal a unique violation of the append means, if it is one of ours."""
     constraint = exc.diag.constraint_name or ""
     if constraint == "events_aggregate_version":
         return VersionConflict()
     if constraint == "idempotency_keys_pkey":
         return IdempotencyKeyTaken()
-    return exc
+    return None
 
 
 async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
@@ -114,7 +115,10 @@ async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
                                   _outbox_items(envelopes),
                                   Jsonb(idempotency) if idempotency else None))
     except UniqueViolation as exc:
-        raise _refusal(exc) from exc
+        refusal = _refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from exc
     rows = await cur.fetchall()
     if len(rows) == 1 and rows[0][0] is not None:
         return int(rows[0][0])
