@@ -15,7 +15,6 @@ from uuid import UUID
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Response, WebSocket
 from opensearchpy.exceptions import NotFoundError, OpenSearchException
-from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect
 
@@ -79,8 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(libpq_url(settings.role_database_url("query")), min_size=2,
-                                   max_size=20, open=False, kwargs={"prepare_threshold": 1})
+        pool = Reads.pool_for(libpq_url(settings.role_database_url("query")))
         await pool.open(wait=False)
         redis = redis_client(settings.require("redis_url"))
         search = opensearch_client(settings.require("opensearch_url"))
@@ -99,10 +97,13 @@ def create_app(settings: Settings) -> FastAPI:
 
         wakers: dict[str, Callable[[bytes], None]] = {}
 
-        async def watch(tenant: str) -> None:  # the cache-projector's updates wake waiters
+        async def watch(tenant: str) -> bool:  # the cache-projector's updates wake waiters
             wakers[tenant] = wake(tenant)
-            with contextlib.suppress(RedisError):
+            try:
                 await hub.subscribe([tenant_channel(tenant)], wakers[tenant])
+            except RedisError:
+                return False
+            return True
 
         async def unwatch(tenant: str) -> None:
             if (waker := wakers.pop(tenant, None)) is not None:

@@ -11,7 +11,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -31,6 +31,11 @@ log = logging.getLogger("ringiflow.query.consistency")
 DEFAULT_WAIT_MS = 2000
 MAX_WAIT_MS = 10_000
 FIRST_READ_S = 1.0
+# Polls back announcements up. While a store's announcements arrive (its listener is
+# connected) a wait polls only every `poll_s`: eager polls of hundreds of waits were
+# most of the query API's reads under load and starved its pool. Without them, it
+# polls from EAGER_POLL_S up.
+EAGER_POLL_S = 0.01
 WAITED = Histogram("ringiflow_consistency_wait_seconds",
                    "A read's wait for its consistency token, by read model and outcome",
                    ["read_model", "outcome"], buckets=HOP_BUCKETS)
@@ -73,36 +78,51 @@ SOURCES = {"workflow_list": "postgres", "my_tasks": "postgres", "workflow_detail
            "search": "search"}
 
 
+@dataclass(eq=False)
+class Waiter:
+    """One wait for `version`; `reached` once a store announced it visible."""
+
+    version: int
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    reached: bool = False
+
+
 class Waits:
     """Read-your-writes waits, fair and honest: at most so many at once per user
     and per tenant (429 beyond), never longer than asked (each read of the read
-    model is bounded by the deadline too), and woken by what the projectors
+    model is bounded by the deadline too), and ended by what the projectors
     announce -- the workflow-projector's and search-indexer's NOTIFY, the
     cache-projector's tenant channel -- naming each (tenant, aggregate, version)
-    they made visible. Only a wait that version satisfies wakes and re-reads, so
-    a busy tenant costs one read per wait, not one per wait per batch."""
+    they made visible. An announcement is sent only once its write is visible
+    (on commit, after the refresh, after the Redis write), so a wait it satisfies
+    ends without reading the store again: a wait costs one read, and a busy
+    tenant wakes only the waits its versions satisfy. Polls are the fallback for
+    an announcement that was lost (a listener reconnecting)."""
 
     def __init__(self, per_user: int, per_tenant: int) -> None:
         self.shares = Shares("concurrent consistency waits", per_user, per_tenant)
-        # (store, tenant, aggregate) -> {wake-up: the version it waits for}
-        self.waiting: dict[tuple[str, str, UUID], dict[asyncio.Event, int]] = defaultdict(dict)
+        # (store, tenant, aggregate) -> the waits for a version of it
+        self.waiting: dict[tuple[str, str, UUID], set[Waiter]] = defaultdict(set)
         self.redis_tenants: Counter[str] = Counter()  # detail waits per tenant
+        self.heard: set[str] = set()  # stores whose announcements reach this process now
+        self.subscribed: set[str] = set()  # tenants whose detail announcements do
         # (tenant) -> called once when its first detail wait arrives / last one leaves
-        self.on_first: Callable[[str], Awaitable[None]] | None = None
+        self.on_first: Callable[[str], Awaitable[bool]] | None = None  # True: subscribed
         self.on_last: Callable[[str], Awaitable[None]] | None = None
         # (tenant, token) -> the trace id that wrote the token's version (traced only)
         self.trace_of: Callable[[UUID, ConsistencyToken], Awaitable[str | None]] | None = None
 
     def applied(self, store: str, tenant: str, aggregate: UUID, version: int) -> None:
-        for event, wanted in self.waiting.get((store, tenant, aggregate), {}).items():
-            if version >= wanted:
-                event.set()
+        for waiter in self.waiting.get((store, tenant, aggregate), ()):
+            if version >= waiter.version:
+                waiter.reached = True
+                waiter.woken.set()
 
     def wake_all(self) -> None:
         """Notifications may have been missed (a reconnect): every wait re-reads."""
-        for events in self.waiting.values():
-            for event in events:
-                event.set()
+        for waiters in self.waiting.values():
+            for waiter in waiters:
+                waiter.woken.set()
 
     async def wait(self, tenant: UUID, user: UUID, token: ConsistencyToken | None,
                    applied: Callable[[ConsistencyToken], Awaitable[int]], wait_ms: int,
@@ -144,17 +164,19 @@ class Waits:
         started = time.monotonic()
         budget = min(max(wait_ms, 0), MAX_WAIT_MS) / 1000
         deadline = started + budget
-        event = asyncio.Event()
+        waiter = Waiter(token.version)
         key = (store, tenant, token.aggregate_id)
-        self.waiting[key][event] = token.version
+        self.waiting[key].add(waiter)
         if store == "redis":
             self.redis_tenants[tenant] += 1
             if self.redis_tenants[tenant] == 1 and self.on_first is not None:
-                await self.on_first(tenant)
-        polls = Backoff(0.01, poll_s).start()
+                if await self.on_first(tenant):
+                    self.subscribed.add(tenant)
+        heard = tenant in self.subscribed if store == "redis" else store in self.heard
+        polls = Backoff(poll_s if heard else EAGER_POLL_S, poll_s).start()
         try:
             while True:
-                event.clear()  # a notification during the read below counts
+                waiter.woken.clear()  # an announcement during the read below counts
                 remaining = deadline - time.monotonic()
                 try:
                     # Even with no time left one read decides reached/timeout.
@@ -162,23 +184,27 @@ class Waits:
                         version = await applied(token)
                 except TimeoutError:
                     return self._answer("timeout", started, token)
-                if version >= token.version:
+                if version >= token.version or waiter.reached:
                     return self._answer("reached", started, token)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return self._answer("timeout", started, token)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, polls.next()))
+                    async with asyncio.timeout(min(remaining, polls.next())):
+                        await waiter.woken.wait()
+                if waiter.reached:  # announced as visible: no need to read it again
+                    return self._answer("reached", started, token)
         finally:
-            events = self.waiting.get(key)
-            if events is not None:
-                events.pop(event, None)
-                if not events:
+            waiters = self.waiting.get(key)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
                     del self.waiting[key]
             if store == "redis":
                 self.redis_tenants[tenant] -= 1
                 if self.redis_tenants[tenant] <= 0:
                     del self.redis_tenants[tenant]
+                    self.subscribed.discard(tenant)
                     if self.on_last is not None:
                         await self.on_last(tenant)
 
@@ -194,12 +220,15 @@ async def listen_applied(url: str, waits: Waits) -> None:
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
             async with conn:
                 await conn.execute(f"LISTEN {APPLIED_NOTIFY_CHANNEL}")
+                waits.heard |= {"postgres", "search"}
                 waits.wake_all()  # whatever was applied while nobody listened
                 async for note in conn.notifies():
                     store, applied = parse_applied(note.payload)
                     for tenant, aggregate, version in applied:
                         waits.applied(store, str(tenant), aggregate, version)
         except psycopg.Error as exc:
+            waits.heard -= {"postgres", "search"}
+            waits.wake_all()  # they wait for what may never be announced: poll now
             log.warning("consistency waits: LISTEN %s failed (%s); polling until it is back",
                         APPLIED_NOTIFY_CHANNEL, exc)
             await asyncio.sleep(1)
