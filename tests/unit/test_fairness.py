@@ -76,6 +76,45 @@ async def test_only_the_version_a_waiter_wants_wakes_it_and_at_once() -> None:
     assert not waits.waiting and not waits.redis_tenants  # nothing left behind
 
 
+async def test_while_announcements_flow_a_wait_reads_once_and_polls_only_as_a_backup() -> None:
+    """Hundreds of waits polling from 10 ms starved the query API's pool under load;
+    while the store's announcements reach the process, a wait reads once, then
+    polls once a second only in case its announcement is lost."""
+    waits = Waits(per_user=4, per_tenant=8)
+    waits.heard.add("postgres")
+    reads, version = [0], [0]
+
+    async def applied(_token: ConsistencyToken) -> int:
+        reads[0] += 1
+        return version[0]
+
+    wait = asyncio.create_task(waits.wait(uuid4(), uuid4(), TOKEN, applied, 5000,
+                                          "workflow_list"))
+    await asyncio.sleep(0.5)
+    assert reads[0] == 1, "polled although announcements were flowing"
+    version[0] = 3  # visible, but its announcement was lost: the backup poll finds it
+    result = await wait
+    assert result.status == "reached" and 900 <= result.waited_ms < 1500
+    assert reads[0] == 2
+
+
+async def test_without_announcements_a_wait_polls_eagerly() -> None:
+    waits = Waits(per_user=4, per_tenant=8)  # nothing heard: the listener is down
+    version = [0]
+
+    async def applied(_token: ConsistencyToken) -> int:
+        return version[0]
+
+    async def apply_unannounced() -> None:
+        await asyncio.sleep(0.1)
+        version[0] = 3
+
+    helper = asyncio.create_task(apply_unannounced())
+    result = await waits.wait(uuid4(), uuid4(), TOKEN, applied, 5000, "workflow_list")
+    await helper
+    assert result.status == "reached" and result.waited_ms < 400
+
+
 def test_applied_notifications_fit_notify_and_keep_each_aggregates_newest_version() -> None:
     tenant = uuid4()
     many = [(tenant, uuid4(), n) for n in range(500)]
