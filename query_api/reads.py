@@ -46,9 +46,9 @@ class InvalidCursor(AppError):
 class Reads:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool  # from `Reads.pool_for`: each read sends its own BEGIN and COMMIT
-        # Reads queue here, not in the pool: handing a returned connection to one of
-        # hundreds of the pool's waiters took several turns of a busy event loop each,
-        # and at 50 commands/s on 2 cores the list's waits took 2.5x as long that way.
+        # Reads queue here, not in the pool: the pool hands a returned connection to
+        # one of its waiters over several turns of the event loop, which under load
+        # (hundreds of waiters, a busy loop) left connections idle between reads.
         self.gate = asyncio.Semaphore(pool.max_size)
 
     @staticmethod
