@@ -76,6 +76,8 @@ def parse_token(header: str | None, query: str | None) -> ConsistencyToken | Non
 # Which store each waited-on read model lives in: the name its projector announces.
 SOURCES = {"workflow_list": "postgres", "my_tasks": "postgres", "workflow_detail": "redis",
            "search": "search"}
+# The stores that announce over PostgreSQL NOTIFY (the rest over Redis pub/sub).
+NOTIFIED = frozenset(SOURCES.values()) - {"redis"}
 
 
 @dataclass(eq=False)
@@ -220,14 +222,14 @@ async def listen_applied(url: str, waits: Waits) -> None:
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
             async with conn:
                 await conn.execute(f"LISTEN {APPLIED_NOTIFY_CHANNEL}")
-                waits.heard |= {"postgres", "search"}
+                waits.heard |= NOTIFIED
                 waits.wake_all()  # whatever was applied while nobody listened
                 async for note in conn.notifies():
                     store, applied = parse_applied(note.payload)
                     for tenant, aggregate, version in applied:
                         waits.applied(store, str(tenant), aggregate, version)
         except psycopg.Error as exc:
-            waits.heard -= {"postgres", "search"}
+            waits.heard -= NOTIFIED
             waits.wake_all()  # they wait for what may never be announced: poll now
             log.warning("consistency waits: LISTEN %s failed (%s); polling until it is back",
                         APPLIED_NOTIFY_CHANNEL, exc)
