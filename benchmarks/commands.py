@@ -180,6 +180,7 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
     from psycopg_pool import AsyncConnectionPool
 
     from commands import domain
+    from commands.bell import OutboxBell
     from commands.cache import StateCache
     from commands.service import CommandContext, Writer, execute
     from contract import new_trace_id
@@ -189,12 +190,14 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
     who = Actors()
     principal = Principal(who.tenant, who.initiator, "bench", ("user",))
     workflow = uuid4()
-    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
-                                   min_size=1, max_size=2,
+    url = libpq_url(settings.role_database_url("command"))
+    bell = OutboxBell(url)
+    async with AsyncConnectionPool(url, min_size=1, max_size=2, configure=bell.configure,
                                    kwargs={"autocommit": True, "prepare_threshold": 1}) as pool:
         # As the command API runs: recently written aggregates kept in the process, as
-        # the eventsourcing application below keeps its aggregate object.
-        writer = Writer(pool, StateCache(settings.command_state_cache))
+        # the eventsourcing application below keeps its aggregate object; the relay
+        # woken after each commit.
+        writer = Writer(pool, StateCache(settings.command_state_cache), bell)
 
         def ctx() -> CommandContext:
             return CommandContext(principal, uuid4(), uuid4(), new_trace_id(), None, None, "")
@@ -224,7 +227,9 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
             await execute(writer, ctx(), "workflow", workflow, build,
                           new=isinstance(command, domain.CreateWorkflow))
             latencies.append(time.perf_counter() - t0)
-        return len(latencies) / (time.perf_counter() - started), latencies
+        rate = len(latencies) / (time.perf_counter() - started)
+        await bell.close()
+        return rate, latencies
 
 
 @cache

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, handlers, openapi, schemas
+from commands.bell import OutboxBell
 from commands.cache import StateCache
 from commands.service import (
     CommandContext,
@@ -216,17 +217,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        url = libpq_url(settings.role_database_url("command"))
+        bell = OutboxBell(url)
         pool = AsyncConnectionPool(
-            libpq_url(settings.role_database_url("command")), min_size=2,
-            max_size=settings.command_db_pool_size, open=False, timeout=10,
-            kwargs={"autocommit": True, "prepare_threshold": 1},
+            url, min_size=2, max_size=settings.command_db_pool_size, open=False, timeout=10,
+            kwargs={"autocommit": True, "prepare_threshold": 1}, configure=bell.configure,
         )
         await pool.open(wait=False)
-        holder["writer"] = Writer(pool, StateCache(settings.command_state_cache))
+        holder["writer"] = Writer(pool, StateCache(settings.command_state_cache), bell)
         try:
             yield
         finally:
             await pool.close()
+            await bell.close()
 
     app = FastAPI(
         title="RingiFlow command API", version="1", lifespan=lifespan,

@@ -15,6 +15,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, store
+from commands.bell import OutboxBell
 from commands.cache import StateCache
 from contract import (
     AggregateType,
@@ -72,11 +73,14 @@ class CommandContext:
 
 @dataclass(frozen=True)
 class Writer:
-    """Where commands are written: the pool of the command role, and the process's
-    cache of recently written aggregates (none: every command loads its stream)."""
+    """Where commands are written: the pool of the command role, the process's
+    cache of recently written aggregates (none: every command loads its stream), and
+    the bell that wakes the relay after each commit when the pool's connections
+    leave that to it (none: the outbox trigger notifies inside the append)."""
 
     pool: AsyncConnectionPool
     cache: StateCache | None = None
+    bell: OutboxBell | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ async def execute(
                 assert stored is not None
                 return _replay(stored, ctx)
             if isinstance(appended, int):
+                if writer.bell is not None:
+                    writer.bell.ring()
                 STATE_SOURCE[source].inc()
                 if cache is not None:
                     cache.put(key, after)

@@ -70,8 +70,7 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
             waiting.add((tenant_id, aggregate_id))
             continue
         rows.append(Row(row_id, tenant_id, aggregate_id, lane, version, topic, payload.encode(),
-                        [(k, str(v).encode()) for k, v in orjson.loads(headers).items()],
-                        float(created)))
+                        orjson.loads(headers), float(created)))
     return Batch(rows, None if waiting else cursor)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from uuid import UUID
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -29,8 +30,7 @@ DISTURBANCES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
 MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):  # a tuple: built for every row of every batch
     id: int
     tenant_id: UUID
     aggregate_id: UUID
@@ -38,7 +38,7 @@ class Row:
     version: int
     topic: str
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: dict[str, str]  # as stored; the producer encodes str values
     created_at: float  # epoch seconds
 
     @property
@@ -56,16 +56,18 @@ class Outcome:
     missing_topic: bool = False
     fatal: str | None = None  # the producer is unusable and must be replaced
 
+    def acknowledged_all(self, rows: list[Row]) -> bool:
+        return not self.errors and self.fatal is None and \
+            all(row.id in self.acked_at for row in rows)
+
 
 def send_span(row: Row) -> Span:
     """`send <topic>`, continuing the context the command stored with the row."""
-    header = dict(row.headers).get("traceparent")
     return tracing.tracer.start_span(
-        f"send {row.topic}", context=tracing.context_from(header.decode() if header else None),
+        f"send {row.topic}", context=tracing.context_from(row.headers.get("traceparent")),
         kind=SpanKind.PRODUCER, attributes=tracing.kafka_attributes(
             row.topic, "send", **{"messaging.kafka.message.key": str(row.aggregate_id),
-                                  "messaging.message.id": (dict(row.headers).get("event_id")
-                                                           or b"").decode(),
+                                  "messaging.message.id": row.headers.get("event_id", ""),
                                   "ringiflow.version": row.version}))
 
 
@@ -117,7 +119,8 @@ class Publisher:
             headers = row.headers
             if tracing.enabled():
                 spans[row.id] = span = send_span(row)
-                headers = tracing.with_traceparent(headers, span.get_span_context())
+                headers = {**headers, "traceparent": tracing.traceparent_of(
+                    span.get_span_context())}  # the send span's, in place of the append's
             while True:
                 try:
                     self.producer.produce(

@@ -98,13 +98,12 @@ class Relay:
             self.publisher.producer.flush(5)
 
     async def _session(self) -> None:
-        """Read, produce and mark in a two-stage pipeline: while batch N is being
-        produced, batch N+1 is read behind it (on a second connection); N is
-        marked, then N+1 is produced (marking N while N+1 went out measured no
-        faster on 2 cores, where a drain is CPU-bound). An aggregate is never in
-        two batches in flight, and after any unacknowledged row the next read
-        starts over from the oldest pending row, so nothing overtakes what it
-        follows."""
+        """Read, produce and mark in a pipeline: while batch N is being produced,
+        batch N+1 is read behind it (on a second connection). If the broker
+        acknowledged every row of N, N+1 is produced while N is marked; otherwise
+        N is marked first. N+1 never goes out before all of N is acknowledged, and
+        after any unacknowledged row the next read starts over from the oldest
+        pending row, so nothing overtakes what it follows."""
         connect = psycopg.AsyncConnection.connect
         async with await connect(self.url, autocommit=True) as conn, \
                 await connect(self.url, autocommit=True) as reader:
@@ -140,23 +139,32 @@ class Relay:
                 continue
             self.wake.clear()
             ahead = None
-            # Reading ahead pays off only under load; a small batch means the
-            # backlog is drained, and a plain read after it is quicker.
             if inflight is not None and inflight[0].cursor is not None and \
-                    len(inflight[0].rows) >= s.relay_batch_size // 2 and \
                     not self.stop.is_set() and time.monotonic() < next_rebalance:
                 ahead = asyncio.ensure_future(outbox.fetch_batch(
                     reader, self.lanes.owned, s.relay_batch_size, inflight[0].cursor))
             if inflight is not None:
                 batch, producing = inflight
-                recorded = await self._mark(conn, batch.rows, await producing)
+                outcome = await producing
                 inflight = None
-                if ahead is not None:
-                    following = await ahead
-                    if not recorded.broken and not self.suspect:
+                following = await ahead if ahead is not None else None
+                if following and following.rows and not self.suspect and \
+                        not self.publisher.disturbed.is_set() and \
+                        outcome.acknowledged_all(batch.rows):
+                    regressed = self.marks.advance(batch.rows, outcome)
+                    if not regressed:  # N+1 goes out while N is marked
                         inflight = self._produce(following)
-                        continue
-                continue  # start over from the oldest pending row
+                    try:
+                        await self._mark(conn, batch.rows, outcome, regressed)
+                    except BaseException:
+                        if inflight is not None:  # settled before the session ends
+                            await asyncio.gather(inflight[1], return_exceptions=True)
+                        raise
+                    continue
+                recorded = await self._mark(conn, batch.rows, outcome)
+                if following and not recorded.broken and not self.suspect:
+                    inflight = self._produce(following)
+                continue  # with nothing in flight: start over from the oldest pending row
             if self.stop.is_set():
                 break
             batch = await outbox.fetch_batch(conn, self.lanes.owned, s.relay_batch_size)
@@ -170,8 +178,10 @@ class Relay:
             return None
         return batch, asyncio.ensure_future(asyncio.to_thread(self.publisher.publish, batch.rows))
 
-    async def _mark(self, conn: psycopg.AsyncConnection, rows: list[Row],
-                    result: Outcome) -> outbox.Recorded:
+    async def _mark(self, conn: psycopg.AsyncConnection, rows: list[Row], result: Outcome,
+                    regressed: list[str] | None = None) -> outbox.Recorded:
+        """Record what the broker said of `rows` (`regressed`: `Marks.advance`
+        already ran for them)."""
         s = self.settings
         if result.fatal:
             log.error("Kafka producer failed fatally (%s); replacing it", result.fatal)
@@ -183,7 +193,8 @@ class Relay:
         if (result.missing_topic or result.errors) and \
                 time.monotonic() - self.topics_checked_at > TOPIC_CHECK_INTERVAL_S:
             await self._ensure_topics()
-        regressed = self.marks.advance(rows, result)
+        if regressed is None:
+            regressed = self.marks.advance(rows, result)
         if regressed:
             log.critical("Kafka acknowledged records at offsets below earlier ones in %s: "
                          "the broker lost history; checking it before going on",

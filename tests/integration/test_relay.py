@@ -20,7 +20,7 @@ import contract
 from infra import kafka
 from infra.embedded import start_broker
 from infra.settings import Settings, libpq_url
-from tests.conftest import component, free_port, settings_env
+from tests.conftest import TEST_JWT_SECRET, component, free_port, settings_env
 from tests.events import (
     append,
     append_streams,
@@ -30,6 +30,7 @@ from tests.events import (
     read_topic,
     wait_all_published,
 )
+from tests.helpers import Tenant
 
 TOPIC = contract.WORKFLOW_EVENTS.name
 
@@ -83,6 +84,30 @@ def test_a_notification_wakes_the_relay_without_waiting_for_the_poll(
         metrics = httpx.get(base + "/metrics").text
         assert "ringiflow_relay_published_total 1.0" in metrics
         assert "ringiflow_relay_commit_to_ack_seconds_count 1.0" in metrics
+
+
+def test_a_command_wakes_the_relay_after_its_commit_without_waiting_for_the_poll(
+    fresh_db: Settings,
+) -> None:
+    """The command API's appends leave the NOTIFY to its bell (ADR 0014): the relay
+    still hears of each command at once, not on its next poll."""
+    import httpx
+
+    url = fresh_db.database_url or ""
+
+    async def commands(api: str) -> None:
+        async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+            tenant = await Tenant(client, TEST_JWT_SECRET, url).setup()
+            assert wait_all_published(url, timeout_s=20)["pending"] == 0
+            await tenant.create_workflow()
+
+    with (component("command-api", fresh_db, "RINGIFLOW_COMMAND_API_PORT") as api,
+          component("relay", fresh_db, "RINGIFLOW_RELAY_PORT",
+                    RINGIFLOW_RELAY_POLL_INTERVAL_S="60")):
+        time.sleep(1.5)  # the relay idle, waiting on LISTEN
+        asyncio.run(commands(api))
+        counts = wait_all_published(url, timeout_s=20)
+    assert counts["pending"] == 0 and counts["published"] == 5, counts
 
 
 @pytest.mark.slow
