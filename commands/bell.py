@@ -7,7 +7,8 @@ therefore tell the outbox trigger that they wake the relay themselves
 (`configure`), and `execute` rings this bell after each append commits: one
 NOTIFY from a connection of the bell's own, in a transaction with nothing to
 flush, for however many appends committed while the previous one was on its
-way. Every commit is followed by a NOTIFY sent after it.
+way or within `MIN_GAP_S` of it (a relay woken that recently is still reading).
+Every commit is followed by a NOTIFY sent after it.
 
 A ring that fails costs latency, never an event: the rows are in the outbox, and
 the relay polls every `relay_poll_interval_s` as well."""
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import psycopg
 from prometheus_client import Counter
@@ -25,6 +27,7 @@ log = logging.getLogger("ringiflow.commands")
 
 CHANNEL = "ringiflow_outbox"  # what the relay LISTENs on
 SETTING = "ringiflow.outbox_wakeup"  # read by event_store.notify_outbox() (migration 0011)
+MIN_GAP_S = 0.002  # the first commit after a quiet spell is announced at once
 
 WAKEUPS = Counter("ringiflow_command_outbox_wakeups_total",
                   "NOTIFYs sent to the relay after appends committed (one covers many)")
@@ -34,6 +37,7 @@ class OutboxBell:
     def __init__(self, url: str) -> None:
         self.url = url
         self.sent = 0
+        self._sent_at = -MIN_GAP_S
         self._rung = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection | None = None
@@ -52,6 +56,8 @@ class OutboxBell:
     async def _run(self) -> None:
         while True:
             await self._rung.wait()
+            if (gap := self._sent_at + MIN_GAP_S - time.monotonic()) > 0:
+                await asyncio.sleep(gap)
             # Cleared before sending: a commit that lands during the send rings again.
             self._rung.clear()
             try:
@@ -69,6 +75,7 @@ class OutboxBell:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
         await self._conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        self._sent_at = time.monotonic()
         self.sent += 1
         WAKEUPS.inc()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
@@ -172,11 +173,7 @@ async def execute(
                 idempotency = {"key": ctx.idempotency_key, "request_hash": ctx.request_hash,
                                "status_code": created_status, "response": result}
             try:
-                with tracing.tracer.start_as_current_span(
-                        f"append {aggregate_type}", attributes={
-                            "ringiflow.aggregate_id": str(aggregate_id),
-                            "ringiflow.version": after.version,
-                            "ringiflow.event_types": [e.event_type for e in envelopes]}):
+                with _append_span(aggregate_type, after, envelopes):
                     appended = await store.append_at(conn, tenant, aggregate_type,
                                                      aggregate_id, state.version, envelopes,
                                                      idempotency)
@@ -204,6 +201,13 @@ async def execute(
                 raise _conflict(aggregate_type, aggregate_id, state.version + len(appended),
                                 "another command changed it first")
             state, current, source = domain.fold(state, appended), True, "stale"
+
+
+def _append_span(aggregate_type: str, after: domain.AggregateState,
+                 envelopes: list[EventEnvelope]) -> AbstractContextManager[Any]:
+    return tracing.span(f"append {aggregate_type}", lambda: {
+        "ringiflow.aggregate_id": str(after.id), "ringiflow.version": after.version,
+        "ringiflow.event_types": [e.event_type for e in envelopes]})
 
 
 def response_body(result: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ wait linked to the trace that wrote the version it waited for."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -78,6 +79,14 @@ def flush() -> None:
     provider = trace.get_tracer_provider()
     if _enabled and hasattr(provider, "force_flush"):
         provider.force_flush(5000)
+
+
+def span(name: str, attributes: Callable[[], dict[str, Any]]) -> AbstractContextManager[Any]:
+    """A current span when tracing is on; when off, nothing: not even the attributes
+    are built (a hot path's no-op span cost a command ~3 % of its CPU)."""
+    if not _enabled:
+        return nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes())
 
 
 def current_span_context() -> SpanContext | None:

@@ -98,8 +98,8 @@ class Relay:
             self.publisher.producer.flush(5)
 
     async def _session(self) -> None:
-        """Read, produce and mark in a pipeline: while batch N is being produced,
-        batch N+1 is read behind it (on a second connection). If the broker
+        """Read, produce and mark in a pipeline under load: while a large batch N is
+        being produced, batch N+1 is read behind it (on a second connection). If the broker
         acknowledged every row of N, N+1 is produced while N is marked; otherwise
         N is marked first. N+1 never goes out before all of N is acknowledged, and
         after any unacknowledged row the next read starts over from the oldest
@@ -139,7 +139,11 @@ class Relay:
                 continue
             self.wake.clear()
             ahead = None
+            # Reading ahead pays off only under load: below it, a batch holds what
+            # arrived during one cycle, the read behind it mostly finds nothing, and
+            # its extra reads measured a worse p99 at 1,000 events/s.
             if inflight is not None and inflight[0].cursor is not None and \
+                    len(inflight[0].rows) >= s.relay_batch_size // 2 and \
                     not self.stop.is_set() and time.monotonic() < next_rebalance:
                 ahead = asyncio.ensure_future(outbox.fetch_batch(
                     reader, self.lanes.owned, s.relay_batch_size, inflight[0].cursor))
