@@ -10,7 +10,10 @@ Prints, from one run on one embedded stack:
     the no-op and a realistic mix at concurrency 1 and 32 (CreateWorkflow,
     SubmitWorkflow, AddComment, ApproveStep x2 per workflow);
   * sequential appends/s in-process (no HTTP) next to the `eventsourcing`
-    library appending to the same PostgreSQL (pip install eventsourcing[postgres]).
+    library appending to the same PostgreSQL (pip install eventsourcing[postgres]);
+  * the database alone: 16 connections appending through `event_store.append_at`,
+    waking the relay after each commit (ADR 0014; one NOTIFY per append, which
+    the command API's bell coalesces further) next to a NOTIFY inside each append.
 Each figure is the median of --rounds rounds.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import threading
 import time
 from functools import cache
 from uuid import UUID, uuid4
@@ -284,6 +288,56 @@ def eventsourcing_appends(settings: Settings, seconds: float) -> tuple[float, li
     return len(latencies) / (time.perf_counter() - started), latencies
 
 
+def database_appends(settings: Settings, seconds: float, notify_inside: bool,
+                     connections: int = 16) -> tuple[float, list[float]]:
+    """Appends/s of `connections` threads, each appending one event per statement to
+    streams of ten on a connection of the command role. `notify_inside`: the outbox
+    trigger's NOTIFY in the append's transaction; else the relay is woken by a
+    NOTIFY of its own after each commit."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from commands.bell import CHANNEL, SETTING
+    from contract import envelope_json, events_topic_name, record_headers
+    from infra.settings import libpq_url
+    from tests.events import comment_envelope
+
+    url = libpq_url(settings.role_database_url("command"))
+    latencies: list[float] = []
+
+    def appender() -> None:
+        mine: list[float] = []
+        tenant = uuid4()
+        with psycopg.connect(url, autocommit=True, prepare_threshold=1) as conn:
+            if not notify_inside:
+                conn.execute("SELECT set_config(%s, 'after_commit', false)", (SETTING,))
+            aggregate, version = uuid4(), 0
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                if version == 10:
+                    aggregate, version = uuid4(), 0
+                envelope = comment_envelope(tenant, aggregate, version + 1)
+                items = Jsonb([{"envelope": envelope_json(envelope),
+                                "topic": events_topic_name(envelope.aggregate_type),
+                                "headers": {k: v.decode() for k, v in record_headers(envelope)}}])
+                t0 = time.perf_counter()
+                conn.execute("SELECT * FROM event_store.append_at(%s, 'workflow', %s, %s, %s)",
+                             (tenant, aggregate, version, items)).fetchall()
+                if not notify_inside:
+                    conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                mine.append(time.perf_counter() - t0)
+                version += 1
+        latencies.extend(mine)
+
+    threads = [threading.Thread(target=appender, daemon=True) for _ in range(connections)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -330,6 +384,11 @@ def main() -> None:
         ours, ours_lat = best_of(lambda: asyncio.run(inprocess_appends(settings, args.seconds)))
         print(summary("RingiFlow, sequential commands in-process", ours, ours_lat, es_rate,
                       "eventsourcing"))
+        inside, inside_lat = best_of(database_appends, settings, args.seconds, True)
+        print(summary("database: append_at x16, NOTIFY inside", inside, inside_lat))
+        after, after_lat = best_of(database_appends, settings, args.seconds, False)
+        print(summary("database: append_at x16, NOTIFY after", after, after_lat, inside,
+                      "NOTIFY inside"))
 
 
 if __name__ == "__main__":
