@@ -295,10 +295,10 @@ def database_appends(settings: Settings, seconds: float, notify_inside: bool,
     trigger's NOTIFY in the append's transaction; else the relay is woken by a
     NOTIFY of its own after each commit."""
     import psycopg
-    from psycopg.types.json import Jsonb
 
-    from commands.bell import CHANNEL, SETTING
-    from contract import envelope_json, events_topic_name, record_headers
+    from commands.bell import SETTING
+    from commands.store import outbox_items
+    from contract import OUTBOX_NOTIFY_CHANNEL
     from infra.settings import libpq_url
     from tests.events import comment_envelope
 
@@ -317,14 +317,12 @@ def database_appends(settings: Settings, seconds: float, notify_inside: bool,
                 if version == 10:
                     aggregate, version = uuid4(), 0
                 envelope = comment_envelope(tenant, aggregate, version + 1)
-                items = Jsonb([{"envelope": envelope_json(envelope),
-                                "topic": events_topic_name(envelope.aggregate_type),
-                                "headers": {k: v.decode() for k, v in record_headers(envelope)}}])
+                items = outbox_items([envelope])
                 t0 = time.perf_counter()
                 conn.execute("SELECT * FROM event_store.append_at(%s, 'workflow', %s, %s, %s)",
                              (tenant, aggregate, version, items)).fetchall()
                 if not notify_inside:
-                    conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                    conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_NOTIFY_CHANNEL,))
                 mine.append(time.perf_counter() - t0)
                 version += 1
         latencies.extend(mine)

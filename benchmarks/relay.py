@@ -26,10 +26,10 @@ import urllib.request
 from uuid import uuid4
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 import contract
 from benchmarks.common import add_broker_flag, app_env, embedded_stack, percentile
+from commands.store import outbox_items
 from infra import kafka
 from infra.servers import free_port
 from infra.settings import Settings, libpq_url
@@ -76,11 +76,8 @@ def pending(conn: psycopg.Connection) -> int:
 
 def append_on(conn: psycopg.Connection, envelopes: list) -> None:  # type: ignore[type-arg]
     """One appending statement, as a command commits it, on a kept connection."""
-    items = [{"envelope": e.model_dump(mode="json"), "topic": contract.to_record(e).topic,
-              "headers": {k: v.decode() for k, v in contract.record_headers(e)}}
-             for e in envelopes]
     conn.execute("SELECT event_store.append_events(%s, %s)", (envelopes[0].tenant_id,
-                                                               Jsonb(items)))
+                                                               outbox_items(envelopes)))
 
 
 def latency(settings: Settings, conn: psycopg.Connection, relay: RelayProcess, rate: int,

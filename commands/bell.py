@@ -23,9 +23,10 @@ import time
 import psycopg
 from prometheus_client import Counter
 
+from contract import OUTBOX_NOTIFY_CHANNEL
+
 log = logging.getLogger("ringiflow.commands")
 
-CHANNEL = "ringiflow_outbox"  # what the relay LISTENs on
 SETTING = "ringiflow.outbox_wakeup"  # read by event_store.notify_outbox() (migration 0011)
 MIN_GAP_S = 0.002  # the first commit after a quiet spell is announced at once
 
@@ -74,7 +75,7 @@ class OutboxBell:
     async def _notify(self) -> None:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-        await self._conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        await self._conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_NOTIFY_CHANNEL,))
         self._sent_at = time.monotonic()
         self.sent += 1
         WAKEUPS.inc()

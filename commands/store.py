@@ -82,7 +82,9 @@ async def definition_with_assignees(
     return definition, users
 
 
-def _outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
+def outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
+    """The `p_events` argument of the append functions: each envelope with its topic
+    and record headers."""
     # The append span's context goes with each outbox row: the relay continues it.
     span = tracing.current_span_context()
     span_id = f"{span.span_id:016x}" if span is not None else None
@@ -112,7 +114,7 @@ async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
     try:
         cur = await conn.execute("SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %s)",
                                  (tenant_id, aggregate_type, aggregate_id, head,
-                                  _outbox_items(envelopes),
+                                  outbox_items(envelopes),
                                   Jsonb(idempotency) if idempotency else None))
     except UniqueViolation as exc:
         refusal = _refusal(exc)

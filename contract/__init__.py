@@ -67,6 +67,7 @@ from contract.topics import (
     DAY_MS,
     DEFINITION_EVENTS,
     NOTIFICATION_COMMANDS,
+    OUTBOX_NOTIFY_CHANNEL,
     TOPICS,
     USER_EVENTS,
     WORKFLOW_EVENTS,
@@ -78,7 +79,8 @@ from contract.topics import (
 
 __all__ = [
     "APPLIED_NOTIFY_CHANNEL", "AUDIT_EVENTS", "CONSUMER_GROUPS", "DAY_MS", "DEFINITION_EVENTS",
-    "EVENTS", "NOTIFICATION_COMMANDS", "NOTIFY_PAYLOAD_MAX", "REGISTRY", "TERMINAL_STATUSES",
+    "EVENTS", "NOTIFICATION_COMMANDS", "NOTIFY_PAYLOAD_MAX", "OUTBOX_NOTIFY_CHANNEL", "REGISTRY",
+    "TERMINAL_STATUSES",
     "TOPICS", "USER_EVENTS", "WORKFLOW_EVENTS", "AggregateType", "Applied", "CommentSnapshot",
     "ConsistencyToken", "Decision", "DefinitionSnapshot", "DocumentFields",
     "DocumentSnapshot", "EventEnvelope", "EventMetadata", "EventName", "EventRegistry",

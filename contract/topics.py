@@ -10,6 +10,8 @@ from typing import Literal
 from contract.envelope import AggregateType
 
 DAY_MS = 24 * 60 * 60 * 1000
+# PostgreSQL NOTIFY channel that wakes relays when outbox rows are appended (ADR 0014).
+OUTBOX_NOTIFY_CHANNEL = "ringiflow_outbox"
 
 
 @dataclass(frozen=True)

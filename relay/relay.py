@@ -18,7 +18,7 @@ from datetime import timedelta
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 
-from contract import AggregateType, events_topic_name
+from contract import OUTBOX_NOTIFY_CHANNEL, AggregateType, events_topic_name
 from infra import kafka
 from infra.settings import Settings, libpq_url
 from relay import outbox
@@ -152,7 +152,7 @@ class Relay:
                 outcome = await producing
                 inflight = None
                 following = await ahead if ahead is not None else None
-                if following and following.rows and not self.suspect and \
+                if following is not None and following.rows and not self.suspect and \
                         not self.publisher.disturbed.is_set() and \
                         outcome.acknowledged_all(batch.rows):
                     regressed = self.marks.advance(batch.rows, outcome)
@@ -166,7 +166,7 @@ class Relay:
                         raise
                     continue
                 recorded = await self._mark(conn, batch.rows, outcome)
-                if following and not recorded.broken and not self.suspect:
+                if following is not None and not recorded.broken and not self.suspect:
                     inflight = self._produce(following)
                 continue  # with nothing in flight: start over from the oldest pending row
             if self.stop.is_set():
@@ -298,7 +298,7 @@ class Relay:
             try:
                 async with await psycopg.AsyncConnection.connect(self.url,
                                                                  autocommit=True) as conn:
-                    await conn.execute("LISTEN ringiflow_outbox")
+                    await conn.execute(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}")
                     async for _ in conn.notifies():
                         self.wake.set()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:

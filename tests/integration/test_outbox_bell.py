@@ -13,9 +13,10 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, handlers
-from commands.bell import CHANNEL, OutboxBell
+from commands.bell import OutboxBell
 from commands.cache import StateCache
 from commands.service import Writer
+from contract import OUTBOX_NOTIFY_CHANNEL
 from infra.settings import Settings, libpq_url
 from tests.integration.test_state_cache import Office
 
@@ -48,7 +49,7 @@ class Listener:
 async def listener(settings: Settings) -> AsyncIterator[Listener]:
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.database_url or ""),
                                                      autocommit=True) as conn:
-        await conn.execute(f"LISTEN {CHANNEL}")
+        await conn.execute(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}")
         yield Listener(conn)
 
 
