@@ -319,8 +319,8 @@ def database_appends(settings: Settings, seconds: float, notify_inside: bool,
                 envelope = comment_envelope(tenant, aggregate, version + 1)
                 items = outbox_items([envelope])
                 t0 = time.perf_counter()
-                conn.execute("SELECT * FROM event_store.append_at(%s, 'workflow', %s, %s, %s)",
-                             (tenant, aggregate, version, items)).fetchall()
+                conn.execute("SELECT * FROM event_store.append_at(%s, 'workflow', %s, %s, %s, %b)",
+                             (tenant, aggregate, version, *items)).fetchall()
                 if not notify_inside:
                     conn.execute("SELECT pg_notify(%s, '')", (OUTBOX_NOTIFY_CHANNEL,))
                 mine.append(time.perf_counter() - t0)

@@ -29,11 +29,10 @@ import psycopg
 
 import contract
 from benchmarks.common import add_broker_flag, app_env, embedded_stack, percentile
-from commands.store import outbox_items
 from infra import kafka
 from infra.servers import free_port
 from infra.settings import Settings, libpq_url
-from tests.events import comment_envelope
+from tests.events import append_on, comment_envelope
 
 
 class RelayProcess:
@@ -72,12 +71,6 @@ def pending(conn: psycopg.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM event_store.outbox WHERE status = 'pending'"
                        ).fetchone()
     return int(row[0]) if row else 0
-
-
-def append_on(conn: psycopg.Connection, envelopes: list) -> None:  # type: ignore[type-arg]
-    """One appending statement, as a command commits it, on a kept connection."""
-    conn.execute("SELECT event_store.append_events(%s, %s)", (envelopes[0].tenant_id,
-                                                               outbox_items(envelopes)))
 
 
 def latency(settings: Settings, conn: psycopg.Connection, relay: RelayProcess, rate: int,

@@ -10,7 +10,7 @@ aggregate_id, version), so the load need not share the append's transaction."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -82,16 +82,24 @@ async def definition_with_assignees(
     return definition, users
 
 
-def outbox_items(envelopes: list[EventEnvelope]) -> Jsonb:
-    """The `p_events` argument of the append functions: each envelope with its topic
-    and record headers."""
+class OutboxItems(NamedTuple):
+    """The append functions' `p_events` (each event's topic and record headers) and
+    `p_wire` (each envelope's JSON: the record value, byte for byte; ADR 0015). Pass
+    `wire` as a binary parameter (`%b`): as text, psycopg escapes every byte."""
+
+    targets: Jsonb
+    wire: list[bytes]
+
+
+def outbox_items(envelopes: list[EventEnvelope]) -> OutboxItems:
     # The append span's context goes with each outbox row: the relay continues it.
     span = tracing.current_span_context()
     span_id = f"{span.span_id:016x}" if span is not None else None
-    return Jsonb([{"envelope": envelope_json(envelope),
-                   "topic": events_topic_name(envelope.aggregate_type),
-                   "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
-                  for envelope in envelopes])
+    return OutboxItems(
+        Jsonb([{"topic": events_topic_name(envelope.aggregate_type),
+                "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
+               for envelope in envelopes]),
+        [orjson.dumps(envelope_json(envelope)) for envelope in envelopes])
 
 
 def _refusal(exc: UniqueViolation) -> Exception | None:
@@ -112,10 +120,10 @@ async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
     it moved on, nothing is written and the events after `head` are returned
     instead (ADR 0013)."""
     try:
-        cur = await conn.execute("SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %s)",
-                                 (tenant_id, aggregate_type, aggregate_id, head,
-                                  outbox_items(envelopes),
-                                  Jsonb(idempotency) if idempotency else None))
+        cur = await conn.execute(
+            "SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %b, %s)",
+            (tenant_id, aggregate_type, aggregate_id, head, *outbox_items(envelopes),
+             Jsonb(idempotency) if idempotency else None))
     except UniqueViolation as exc:
         refusal = _refusal(exc)
         if refusal is None:

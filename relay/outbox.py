@@ -17,10 +17,11 @@ MIN_PER_LANE = 200  # keeps batches large when the backlog sits in a few lanes
 
 # One ordered index walk per lane (on (lane, id) of pending rows), each stopping
 # at its limit: the cost follows the batch, not the backlog, whatever the
-# planner's statistics say after a long broker outage.
+# planner's statistics say after a long broker outage. Read in binary: the payload
+# arrives as the bytes to send (ADR 0015); ids as text, compared and sent as keys only.
 FETCH = """
-SELECT o.id, o.tenant_id, o.aggregate_id, o.lane, o.version, o.topic, o.payload::text,
-       o.metadata::text, extract(epoch FROM o.created_at), o.next_attempt_at
+SELECT o.id, o.tenant_id::text, o.aggregate_id::text, o.lane, o.version, o.topic, o.payload,
+       o.metadata::text, extract(epoch FROM o.created_at)::float8, o.next_attempt_at
 FROM unnest(%(lanes)s::smallint[], %(after)s::bigint[]) AS l(lane, after_id)
 CROSS JOIN LATERAL (
     SELECT * FROM event_store.outbox p
@@ -56,10 +57,11 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
     ordered = sorted(lanes)
     per_lane = max(math.ceil(limit / len(lanes)), MIN_PER_LANE)
     cur = await conn.execute(FETCH, {"lanes": ordered, "per_lane": per_lane,
-                                     "after": [(after or {}).get(lane, 0) for lane in ordered]})
+                                     "after": [(after or {}).get(lane, 0) for lane in ordered]},
+                             binary=True)
     now = datetime.now(UTC)
     rows: list[Row] = []
-    waiting: set[tuple[UUID, UUID]] = set()
+    waiting: set[tuple[str, str]] = set()
     cursor: dict[int, int] = dict(after or {})
     for row_id, tenant_id, aggregate_id, lane, version, topic, payload, headers, created, \
             next_at in await cur.fetchall():
@@ -69,8 +71,8 @@ async def fetch_batch(conn: AsyncConnection, lanes: set[int], limit: int,
         if next_at is not None and next_at > now:
             waiting.add((tenant_id, aggregate_id))
             continue
-        rows.append(Row(row_id, tenant_id, aggregate_id, lane, version, topic, payload.encode(),
-                        orjson.loads(headers), float(created)))
+        rows.append(Row(row_id, tenant_id, aggregate_id, lane, version, topic, payload,
+                        orjson.loads(headers), created))
     return Batch(rows, None if waiting else cursor)
 
 
@@ -98,7 +100,7 @@ class Recorded:
     retried: int
     failed: int
     latencies_s: list[float]
-    broken: set[tuple[UUID, UUID]]  # streams whose tail stays pending behind an unacknowledged row
+    broken: set[tuple[str, str]]  # streams whose tail stays pending behind an unacknowledged row
 
 
 async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_attempts: int,
@@ -109,7 +111,7 @@ async def record(conn: AsyncConnection, rows: list[Row], outcome: Outcome, max_a
     published_ids: list[int] = []
     acked_at: list[float] = []  # epoch seconds
     latencies: list[float] = []
-    broken: set[tuple[UUID, UUID]] = set()
+    broken: set[tuple[str, str]] = set()
     attempts: list[tuple[int, str, bool]] = []
     for row in rows:
         if row.stream in broken:

@@ -7,7 +7,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
-from uuid import UUID
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from opentelemetry.trace import Span, Status, StatusCode
@@ -32,8 +31,8 @@ MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN
 
 class Row(NamedTuple):  # a tuple: built for every row of every batch
     id: int
-    tenant_id: UUID
-    aggregate_id: UUID
+    tenant_id: str  # as text: ids here are only compared, and the key is the text
+    aggregate_id: str
     lane: int
     version: int
     topic: str
@@ -42,7 +41,7 @@ class Row(NamedTuple):  # a tuple: built for every row of every batch
     created_at: float  # epoch seconds
 
     @property
-    def stream(self) -> tuple[UUID, UUID]:
+    def stream(self) -> tuple[str, str]:
         """A stream is one tenant's aggregate: ids are unique per tenant only."""
         return self.tenant_id, self.aggregate_id
 
@@ -66,7 +65,7 @@ def send_span(row: Row) -> Span:
     return tracing.tracer.start_span(
         f"send {row.topic}", context=tracing.context_from(row.headers.get("traceparent")),
         kind=SpanKind.PRODUCER, attributes=tracing.kafka_attributes(
-            row.topic, "send", **{"messaging.kafka.message.key": str(row.aggregate_id),
+            row.topic, "send", **{"messaging.kafka.message.key": row.aggregate_id,
                                   "messaging.message.id": row.headers.get("event_id", ""),
                                   "ringiflow.version": row.version}))
 
@@ -97,7 +96,7 @@ class Publisher:
         """Produce rows in order; per aggregate, stop at the first row that cannot
         even be queued, so no later version overtakes it."""
         outcome = Outcome()
-        stopped: set[tuple[UUID, UUID]] = set()
+        stopped: set[tuple[str, str]] = set()
         spans: dict[int, Span] = {}
 
         def delivered(row_id: int, err: KafkaError | None, msg: Message) -> None:
@@ -124,7 +123,7 @@ class Publisher:
             while True:
                 try:
                     self.producer.produce(
-                        row.topic, value=row.value, key=str(row.aggregate_id).encode(),
+                        row.topic, value=row.value, key=row.aggregate_id.encode(),
                         headers=headers,
                         on_delivery=lambda err, msg, rid=row.id: delivered(rid, err, msg))
                     break

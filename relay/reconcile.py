@@ -19,7 +19,13 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
-from contract import AggregateType, EventEnvelope, events_topic_name, record_headers
+from contract import (
+    AggregateType,
+    EventEnvelope,
+    encode_envelope,
+    events_topic_name,
+    record_headers,
+)
 from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 from relay.lanes import LANES
 
@@ -155,8 +161,7 @@ async def _requeue(conn: psycopg.AsyncConnection,
         rows = [
             (e.event_id, e.tenant_id, e.aggregate_type.value, e.aggregate_id, e.version,
              e.event_type, events_topic_name(e.aggregate_type),
-             Jsonb(e.model_dump(mode="json")),
-             Jsonb({k: v.decode() for k, v in record_headers(e)}))
+             encode_envelope(e), Jsonb({k: v.decode() for k, v in record_headers(e)}))
             for e in envelopes
         ]
         async with conn.cursor() as cursor:

@@ -10,9 +10,9 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 import contract
+from commands.store import outbox_items
 from infra.kafka import record_consumer, stop_consumer, topic_partitions_of
 from infra.settings import libpq_url
 
@@ -29,14 +29,16 @@ def comment_envelope(tenant: UUID, aggregate_id: UUID, version: int,
     )
 
 
+def append_on(conn: psycopg.Connection, envelopes: list[contract.EventEnvelope]) -> None:
+    """One appending statement on `conn`, through the server-side function the command
+    API uses (in `conn`'s transaction, if one is open)."""
+    conn.execute("SELECT event_store.append_events(%s, %s, %b)",
+                 (envelopes[0].tenant_id, *outbox_items(envelopes)))
+
+
 def append(database_url: str, envelopes: list[contract.EventEnvelope]) -> None:
-    """Append through the same server-side function the command API uses."""
-    items = [{"envelope": e.model_dump(mode="json"), "topic": contract.to_record(e).topic,
-              "headers": {k: v.decode() for k, v in contract.record_headers(e)}}
-             for e in envelopes]
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        conn.execute("SELECT event_store.append_events(%s, %s)",
-                     (envelopes[0].tenant_id, Jsonb(items)))
+        append_on(conn, envelopes)
 
 
 def append_streams(database_url: str, aggregates: int, versions: int, tenant: UUID | None = None,
@@ -57,6 +59,7 @@ class Consumed:
     key: bytes
     headers: dict[str, bytes]
     envelope: contract.EventEnvelope
+    value: bytes  # as the broker holds it
 
 
 async def read_topic(bootstrap: str, topic: str, expect: set[UUID],
@@ -79,7 +82,7 @@ async def read_topic(bootstrap: str, topic: str, expect: set[UUID],
                         envelope = contract.decode_envelope(m.value)
                         seen.add(envelope.event_id)
                         out.append(Consumed(m.partition, m.offset, m.key, dict(m.headers),
-                                            envelope))
+                                            envelope, m.value))
                 if expect <= seen and not batch:
                     return out
     finally:

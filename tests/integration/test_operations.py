@@ -653,15 +653,13 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
     (2) an event the live projector applies to the old version just before the
     cut-over. Both must be in the new version."""
     import psycopg
-    from psycopg.types.json import Jsonb
 
-    import contract
     from infra.settings import libpq_url
     from operations.rebuild import run_rebuild
     from projectors.projection import Delivery
     from projectors.workflows.store import WorkflowStore
     from projectors.workflows.versions import TableVersions
-    from tests.events import append
+    from tests.events import append, append_on
 
     world = build_world(workflows=6)
     workflows = [e.aggregate_id for e in world.events if e.event_type == "WorkflowCreated"]
@@ -672,13 +670,8 @@ async def test_rebuild_reads_events_whose_transaction_committed_late_or_around_t
     url = libpq_url(fresh_db.database_url or "")
     append(fresh_db.database_url or "", [e for e in world.events if e.event_id not in held_back])
 
-    def items(event: contract.EventEnvelope) -> Jsonb:
-        return Jsonb([{"envelope": event.model_dump(mode="json"),
-                       "topic": contract.to_record(event).topic,
-                       "headers": {k: v.decode() for k, v in contract.record_headers(event)}}])
-
     slow = psycopg.connect(url)  # inserts first (lower position), commits last
-    slow.execute("SELECT event_store.append_events(%s, %s)", (world.tenant_id, items(late)))
+    append_on(slow, [late])
     append(fresh_db.database_url or "", [neighbour])
 
     def commit_the_slow_one(message: str) -> None:

@@ -17,12 +17,14 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 import contract
+from commands.store import outbox_items
 from infra import kafka
 from infra.embedded import start_broker
 from infra.settings import Settings, libpq_url
 from tests.conftest import TEST_JWT_SECRET, component, free_port, settings_env
 from tests.events import (
     append,
+    append_on,
     append_streams,
     comment_envelope,
     never_ahead,
@@ -60,6 +62,8 @@ def test_relay_publishes_every_event_in_order_with_headers_and_java_partitions(
                        "correlation_id", "traceparent"):
             assert header in c.headers, header
         assert c.headers["version"].decode() == str(c.envelope.version)
+        # The bytes appended (ADR 0015), not a re-rendering of stored jsonb (", " and ": ").
+        assert c.value == outbox_items([c.envelope]).wire[0]
     for aggregate, versions in per_aggregate(mine).items():
         assert versions == [1, 2, 3, 4, 5], (aggregate, versions)
 
@@ -311,17 +315,12 @@ def test_an_event_committed_while_reconcile_runs_goes_out_after_the_requeued_tai
     """Reconcile re-queues an aggregate's tail while a command's append of the
     next version is still open: the append must end up behind the tail, not
     ahead of it (and never deleted)."""
-    from psycopg.types.json import Jsonb
-
     url = fresh_db.database_url or ""
     tenant, aggregate = uuid4(), uuid4()
     append_streams(url, aggregates=1, versions=3, tenant=tenant, ids=[aggregate])
     envelope = comment_envelope(tenant, aggregate, 4)
-    item = {"envelope": envelope.model_dump(mode="json"), "topic": TOPIC,
-            "headers": {k: v.decode() for k, v in contract.record_headers(envelope)}}
     with psycopg.connect(libpq_url(url)) as open_append:  # a transaction, left open
-        open_append.execute("SELECT event_store.append_events(%s, %s)",
-                            (tenant, Jsonb([item])))
+        append_on(open_append, [envelope])
         reconciling = subprocess.Popen(
             [sys.executable, "-m", "ringiflow", "outbox", "reconcile", "--json"],
             env=settings_env(fresh_db), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

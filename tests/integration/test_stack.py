@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from psycopg import errors
+from psycopg.types.json import Jsonb
 
 import contract
 from infra import db, kafka
@@ -86,6 +87,44 @@ def test_version_is_unique_per_aggregate(settings: Settings) -> None:
         conn.rollback()
 
 
+def test_the_outbox_keeps_the_appended_bytes_and_the_events_table_their_columns(
+    settings: Settings,
+) -> None:
+    """ADR 0015: the record value the relay sends is the bytes the writer appended,
+    not a re-rendering of stored jsonb; the event's columns come from those bytes."""
+    from commands.store import outbox_items
+    from tests.events import append_on, comment_envelope
+
+    tenant, aggregate = uuid4(), uuid4()
+    envelopes = [comment_envelope(tenant, aggregate, v) for v in (1, 2)]
+    with psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as conn:
+        append_on(conn, envelopes)
+        outbox = conn.execute("SELECT payload FROM event_store.outbox WHERE aggregate_id = %s "
+                              "ORDER BY id", (aggregate,)).fetchall()
+        events = conn.execute("SELECT event_id, version, payload, metadata FROM "
+                              "event_store.events WHERE aggregate_id = %s ORDER BY position",
+                              (aggregate,)).fetchall()
+    assert [row[0] for row in outbox] == outbox_items(envelopes).wire
+    assert [(e[0], e[1], e[2], e[3]["trace_id"]) for e in events] == [
+        (e.event_id, e.version, e.payload, e.metadata.trace_id) for e in envelopes]
+
+
+def test_an_append_with_more_envelopes_than_outbox_items_is_refused_whole(
+    settings: Settings,
+) -> None:
+    from commands.store import outbox_items
+    from tests.events import comment_envelope
+
+    tenant, aggregate = uuid4(), uuid4()
+    targets, wire = outbox_items([comment_envelope(tenant, aggregate, v) for v in (1, 2)])
+    with psycopg.connect(libpq_url(settings.database_url or ""), autocommit=True) as conn:
+        with pytest.raises(errors.InvalidParameterValue, match="2 envelopes but 1 outbox items"):
+            conn.execute("SELECT event_store.append_events(%s, %s, %s)",
+                         (tenant, Jsonb(targets.obj[:1]), wire))
+        assert conn.execute("SELECT count(*) FROM event_store.events WHERE aggregate_id = %s",
+                            (aggregate,)).fetchone() == (0,)
+
+
 def test_query_role_cannot_write_and_projector_cannot_touch_events(settings: Settings) -> None:
     tenant = uuid4()
     with role_conn(settings, "query") as conn:
@@ -133,7 +172,7 @@ def test_read_model_views_keep_row_level_security(settings: Settings) -> None:
 def test_migrations_are_idempotent(settings: Settings) -> None:
     url = settings.database_url or ""
     db.migrate(url)
-    assert db.current_revision(url) == db.head_revision() == "0011"
+    assert db.current_revision(url) == db.head_revision() == "0012"
 
 
 async def test_redis_round_trip(settings: Settings) -> None:
@@ -233,8 +272,13 @@ def test_migration_0007_keys_existing_streams_and_read_models_by_tenant(
                      "aggregate_id": str(shared), "version": 1, "event_type": "UserRegistered",
                      "schema_version": 1, "occurred_at": "2026-12-01T00:00:00Z",
                      "payload": {}, "aggregate": {}, "metadata": {}}
-            conn.execute("SELECT event_store.append_events(%s, %s::jsonb)", (tenant, orjson.dumps(
-                [{"envelope": event, "topic": "ringiflow.user.events", "headers": {}}]).decode()))
+            target = {"topic": "ringiflow.user.events", "headers": {}}
+            if db.current_revision(url) < "0012":  # the envelope inside each item
+                conn.execute("SELECT event_store.append_events(%s, %s::jsonb)",
+                             (tenant, orjson.dumps([{"envelope": event, **target}]).decode()))
+            else:  # its bytes beside them (ADR 0015)
+                conn.execute("SELECT event_store.append_events(%s, %s::jsonb, %s)",
+                             (tenant, orjson.dumps([target]).decode(), [orjson.dumps(event)]))
 
         with psycopg.connect(libpq_url(url), autocommit=True) as conn:
             append(conn, first)

@@ -14,7 +14,7 @@ def batch(first_id: int, offsets: list[tuple[int, int, int]]) -> tuple[list[Row]
     """Rows (lane, partition, offset) acknowledged in one relay batch."""
     rows, outcome = [], Outcome()
     for n, (lane, partition, offset) in enumerate(offsets):
-        row = Row(first_id + n, uuid4(), uuid4(), lane, 1, TOPIC, b"", {}, 0.0)
+        row = Row(first_id + n, str(uuid4()), str(uuid4()), lane, 1, TOPIC, b"", {}, 0.0)
         rows.append(row)
         outcome.acked_at[row.id] = 0.0
         outcome.offsets[row.id] = (partition, offset)
