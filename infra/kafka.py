@@ -206,8 +206,8 @@ async def partition_ends(bootstrap: str, topics: Collection[str],
     if not assigned:
         return {}
     consumer = record_consumer(bootstrap, group_id=None, request_timeout_ms=int(timeout_s * 1000))
-    await asyncio.wait_for(consumer.start(), timeout_s)
-    try:
+    try:  # a start that times out or is cancelled leaves a client to close as well
+        await asyncio.wait_for(consumer.start(), timeout_s)
         ends = await asyncio.wait_for(consumer.end_offsets(assigned), timeout_s)
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
     finally:
