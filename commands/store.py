@@ -19,7 +19,7 @@ from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from commands.domain import AggregateState, DomainEvent, fold, initial_state
-from contract import EventEnvelope, envelope_json, events_topic_name, record_headers
+from contract import EventEnvelope, envelope_wire, events_topic_name, record_headers
 from infra import tracing
 
 set_json_dumps(orjson.dumps)
@@ -99,7 +99,7 @@ def outbox_items(envelopes: list[EventEnvelope]) -> OutboxItems:
         Jsonb([{"topic": events_topic_name(envelope.aggregate_type),
                 "headers": {k: v.decode() for k, v in record_headers(envelope, span_id)}}
                for envelope in envelopes]),
-        [orjson.dumps(envelope_json(envelope)) for envelope in envelopes])
+        [envelope_wire(envelope) for envelope in envelopes])
 
 
 def _refusal(exc: UniqueViolation) -> Exception | None:

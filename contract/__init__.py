@@ -12,6 +12,7 @@ from contract.codec import (
     decode_envelope,
     encode_envelope,
     envelope_json,
+    envelope_wire,
     new_trace_id,
     parse_traceparent,
     record_headers,
@@ -80,8 +81,8 @@ from contract.topics import (
 __all__ = [
     "APPLIED_NOTIFY_CHANNEL", "AUDIT_EVENTS", "CONSUMER_GROUPS", "DAY_MS", "DEFINITION_EVENTS",
     "EVENTS", "NOTIFICATION_COMMANDS", "NOTIFY_PAYLOAD_MAX", "OUTBOX_NOTIFY_CHANNEL", "REGISTRY",
-    "TERMINAL_STATUSES",
-    "TOPICS", "USER_EVENTS", "WORKFLOW_EVENTS", "AggregateType", "Applied", "CommentSnapshot",
+    "TERMINAL_STATUSES", "TOPICS", "USER_EVENTS", "WORKFLOW_EVENTS", "AggregateType", "Applied",
+    "CommentSnapshot",
     "ConsistencyToken", "Decision", "DefinitionSnapshot", "DocumentFields",
     "DocumentSnapshot", "EventEnvelope", "EventMetadata", "EventName", "EventRegistry",
     "EventType", "KafkaRecord", "NotificationCommand", "Priority", "Snapshot", "StepSnapshot",
@@ -90,7 +91,7 @@ __all__ = [
     "UnsupportedSchemaVersion", "Upcaster", "UserSnapshot", "WorkflowSnapshot",
     "WorkflowStatus", "all_topics", "applied_payloads", "decode_envelope", "definition_of",
     "dlq_topic", "encode_envelope",
-    "envelope_json", "events_topic_name", "names_of", "new_trace_id",
+    "envelope_json", "envelope_wire", "events_topic_name", "names_of", "new_trace_id",
     "parse_applied", "parse_traceparent", "record_headers", "stored_envelope", "to_record",
     "traceparent", "user_of", "utcnow", "workflow_of",
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from contract.envelope import EventEnvelope
@@ -86,6 +87,12 @@ def envelope_json(envelope: EventEnvelope) -> dict[str, Any]:
             "is_reconstructed": meta.is_reconstructed,
         },
     }
+
+
+def envelope_wire(envelope: EventEnvelope) -> bytes:
+    """The record value as the outbox stores it and the relay sends it (ADR 0015):
+    `envelope_json` in orjson's compact rendering."""
+    return orjson.dumps(envelope_json(envelope))
 
 
 def _json_datetime(value: datetime) -> str:

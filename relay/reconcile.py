@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from contract import (
     AggregateType,
     EventEnvelope,
-    encode_envelope,
+    envelope_wire,
     events_topic_name,
     record_headers,
 )
@@ -161,7 +161,7 @@ async def _requeue(conn: psycopg.AsyncConnection,
         rows = [
             (e.event_id, e.tenant_id, e.aggregate_type.value, e.aggregate_id, e.version,
              e.event_type, events_topic_name(e.aggregate_type),
-             encode_envelope(e), Jsonb({k: v.decode() for k, v in record_headers(e)}))
+             envelope_wire(e), Jsonb({k: v.decode() for k, v in record_headers(e)}))
             for e in envelopes
         ]
         async with conn.cursor() as cursor:
