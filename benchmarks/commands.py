@@ -208,7 +208,7 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
 
         first = domain.CreateWorkflow(uuid4(), "d", (domain.ResolvedStep("s", who.a1, "a"),), "b")
 
-        async def create(_conn: object) -> domain.Command:
+        async def create(_reads: object) -> domain.Command:
             return first
 
         await execute(writer, ctx(), "workflow", workflow, create)
@@ -224,7 +224,7 @@ async def inprocess_appends(settings: Settings, seconds: float) -> tuple[float, 
             else:
                 command = domain.AddComment("comment")
 
-            async def build(_conn: object, c: domain.Command = command) -> domain.Command:
+            async def build(_reads: object, c: domain.Command = command) -> domain.Command:
                 return c
 
             t0 = time.perf_counter()

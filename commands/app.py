@@ -25,6 +25,7 @@ from commands.service import (
     IdempotencyKeyReused,
     NotAllowed,
     Outcome,
+    ReadsChanged,
     VersionConflict,
     Writer,
 )
@@ -84,6 +85,7 @@ STATUSES: problems.Statuses = {
     domain.InvalidState: (409, "Conflict"),
     domain.InvalidCommand: (422, "Command refused"),
     VersionConflict: (409, "Version conflict"),
+    ReadsChanged: (409, "Conflict"),
     IdempotencyKeyReused: (422, "Idempotency-Key reused"),
     NotAllowed: (403, "Not allowed"),
 }
@@ -224,7 +226,8 @@ def create_app(settings: Settings) -> FastAPI:
             kwargs={"autocommit": True, "prepare_threshold": 1}, configure=bell.configure,
         )
         await pool.open(wait=False)
-        holder["writer"] = Writer(pool, StateCache(settings.command_state_cache), bell)
+        holder["writer"] = Writer(pool, StateCache(settings.command_state_cache), bell,
+                                  StateCache(settings.command_state_cache))
         try:
             yield
         finally:

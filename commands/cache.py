@@ -8,32 +8,35 @@ nothing else: the append returns the missed events, they are folded on, and the
 command is decided again. The cache therefore never decides what is written,
 only how many round trips it takes.
 
+The same bounded LRU keeps the snapshots of other aggregates that commands read
+(`commands.reads`, ADR 0016), checked at the append in the same way.
+
 Keys carry the tenant: a tenant never meets another tenant's state through it."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Generic, TypeVar
 from uuid import UUID
 
-from commands.domain import AggregateState
-
 Key = tuple[UUID, str, UUID]  # tenant, aggregate type, aggregate id
+V = TypeVar("V")
 
 
-class StateCache:
-    """A bounded LRU of aggregate states; `capacity` 0 keeps nothing."""
+class StateCache(Generic[V]):
+    """A bounded LRU of aggregate states (or snapshots); `capacity` 0 keeps nothing."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._states: OrderedDict[Key, AggregateState] = OrderedDict()
+        self._states: OrderedDict[Key, V] = OrderedDict()
 
-    def get(self, key: Key) -> AggregateState | None:
+    def get(self, key: Key) -> V | None:
         state = self._states.get(key)
         if state is not None:
             self._states.move_to_end(key)
         return state
 
-    def put(self, key: Key, state: AggregateState) -> None:
+    def put(self, key: Key, state: V) -> None:
         if self.capacity <= 0:
             return
         self._states[key] = state

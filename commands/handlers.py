@@ -8,9 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID, uuid4
 
-from psycopg import AsyncConnection
-
-from commands import domain, store
+from commands import domain
+from commands.reads import Reads
 from commands.service import CommandContext, NotAllowed, Outcome, Writer, execute
 from contract import AggregateType, Priority, StepTemplateSnapshot
 
@@ -22,9 +21,8 @@ def require_directory_role(ctx: CommandContext, action: str) -> None:
         raise NotAllowed(f"{action} needs the 'admin' or 'service' role; ask an administrator")
 
 
-async def user_names(conn: AsyncConnection, tenant_id: UUID, ids: set[UUID]) -> dict[UUID, str]:
-    snapshots = await store.latest_snapshots(conn, tenant_id, AggregateType.USER, ids)
-    return {user_id: snapshot["display_name"] for user_id, snapshot in snapshots.items()}
+async def user_names(reads: Reads, ids: set[UUID]) -> dict[UUID, str]:
+    return {user_id: user["display_name"] for user_id, user in (await reads.users(ids)).items()}
 
 
 def unknown_users(ids: set[UUID], field: str) -> domain.UnknownReference:
@@ -36,7 +34,7 @@ def unknown_users(ids: set[UUID], field: str) -> domain.UnknownReference:
 
 async def _run(writer: Writer, ctx: CommandContext, aggregate_type: AggregateType,
                aggregate_id: UUID, command: domain.Command, created: bool = False) -> Outcome:
-    async def build(_conn: AsyncConnection) -> domain.Command:
+    async def build(_reads: Reads) -> domain.Command:
         return command
 
     return await execute(writer, ctx, aggregate_type, aggregate_id, build, 201 if created else 200)
@@ -70,9 +68,9 @@ async def create_definition(writer: Writer, ctx: CommandContext, name: str,
     """`steps`: (name, assignee id) in order."""
     require_directory_role(ctx, "creating a definition")
 
-    async def build(conn: AsyncConnection) -> domain.Command:
+    async def build(reads: Reads) -> domain.Command:
         assignees = {assignee for _, assignee in steps}
-        missing = assignees - set(await user_names(conn, ctx.principal.tenant_id, assignees))
+        missing = assignees - set(await user_names(reads, assignees))
         if missing:
             raise unknown_users(missing, "steps[].assignee_id")
         return domain.CreateDefinition(
@@ -86,10 +84,8 @@ async def create_workflow(writer: Writer, ctx: CommandContext, definition_id: UU
                           title: str, description: str | None, priority: Priority | str,
                           due_date: datetime | None,
                           documents: tuple[domain.DocumentInfo, ...]) -> Outcome:
-    tenant = ctx.principal.tenant_id
-
-    async def build(conn: AsyncConnection) -> domain.Command:
-        snapshot, assignees = await store.definition_with_assignees(conn, tenant, definition_id)
+    async def build(reads: Reads) -> domain.Command:
+        snapshot, assignees = await reads.definition_with_assignees(definition_id)
         steps: list[StepTemplateSnapshot] = snapshot["steps"] if snapshot else []
         definition = domain.DefinitionState(
             definition_id, version=snapshot["version"] if snapshot else 0,
@@ -102,7 +98,8 @@ async def create_workflow(writer: Writer, ctx: CommandContext, definition_id: UU
             description=description, priority=priority, due_date=due_date,
             documents=documents)
 
-    # A new id: nothing to load, so the command costs the lookup and the append.
+    # A new id: nothing to load, so the command costs the append, and the lookup
+    # unless the process holds the definition and its assignees (ADR 0016).
     return await execute(writer, ctx, AggregateType.WORKFLOW, uuid4(), build, 201, new=True)
 
 
@@ -114,8 +111,8 @@ async def on_workflow(writer: Writer, ctx: CommandContext, workflow_id: UUID,
 
 async def delegate_step(writer: Writer, ctx: CommandContext, workflow_id: UUID,
                         step_id: UUID, delegate_to: UUID, comment: str | None) -> Outcome:
-    async def build(conn: AsyncConnection) -> domain.Command:
-        names = await user_names(conn, ctx.principal.tenant_id, {delegate_to})
+    async def build(reads: Reads) -> domain.Command:
+        names = await user_names(reads, {delegate_to})
         if delegate_to not in names:
             raise unknown_users({delegate_to}, "delegate_to")
         return domain.DelegateStep(step_id, delegate_to, names[delegate_to], comment)

@@ -1,4 +1,4 @@
-"""Executing one command: state, decide, append (ADR 0002, 0013). No HTTP: a
+"""Executing one command: state, reads, decide, append (ADR 0002, 0013, 0016). No HTTP: a
 refusal is a domain error or one of the application errors below, which the edge maps
 to problem+json (`commands.app`)."""
 
@@ -12,12 +12,12 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from prometheus_client import Counter
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, store
 from commands.bell import OutboxBell
 from commands.cache import StateCache
+from commands.reads import Reads
 from contract import (
     AggregateType,
     ConsistencyToken,
@@ -29,7 +29,9 @@ from infra import tracing
 from infra.auth import Principal
 from infra.problems import AppError
 
-BuildCommand = Callable[[AsyncConnection], Awaitable[domain.Command]]
+# Builds the command, reading what it needs of other aggregates through `Reads`.
+BuildCommand = Callable[[Reads], Awaitable[domain.Command]]
+FRESH_READ_ATTEMPTS = 5  # a command whose reads keep moving under it is refused after this
 
 # How each command found its aggregate's state (ADR 0013): `cached` (the process's
 # copy was current: one round trip), `stale` (the append brought it up to date),
@@ -45,6 +47,12 @@ class VersionConflict(AppError):
     changed it first); `current_version` says where it is."""
 
     code = "version_conflict"
+
+
+class ReadsChanged(AppError):
+    """What the command reads of other aggregates kept changing before it was appended."""
+
+    code = "reads_changed"
 
 
 class IdempotencyKeyReused(AppError):
@@ -75,13 +83,15 @@ class CommandContext:
 @dataclass(frozen=True)
 class Writer:
     """Where commands are written: the pool of the command role, the process's
-    cache of recently written aggregates (none: every command loads its stream), and
-    the bell that wakes the relay after each commit when the pool's connections
-    leave that to it (none: the outbox trigger notifies inside the append)."""
+    cache of recently written aggregates (none: every command loads its stream), the
+    bell that wakes the relay after each commit when the pool's connections leave
+    that to it (none: the outbox trigger notifies inside the append), and the cache
+    of other aggregates' snapshots commands read (none: read every time)."""
 
     pool: AsyncConnectionPool
-    cache: StateCache | None = None
+    cache: StateCache[domain.AggregateState] | None = None
     bell: OutboxBell | None = None
+    reads: StateCache[store.Snapshot] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,10 @@ async def execute(
     when `new` says the id was just generated here, or is loaded (two round
     trips). The append writes only at the version decided on; a cached copy that
     turns out stale is brought up to date and the command decided again, so a
-    stale copy never refuses a command or writes one (ADR 0013)."""
+    stale copy never refuses a command or writes one (ADR 0013). What `build`
+    reads of other aggregates is held to the same rule (ADR 0016): the append
+    writes only if each is still at the version read, and the command is built
+    again from fresh reads if one moved on or cached ones refused it."""
     principal, tenant = ctx.principal, ctx.principal.tenant_id
     actor = domain.Actor(principal.user_id, principal.name, principal.roles)
     key = (tenant, aggregate_type, aggregate_id)
@@ -139,7 +152,20 @@ async def execute(
             stored = await store.stored_response(conn, tenant, ctx.idempotency_key)
             if stored is not None:
                 return _replay(stored, ctx)
-        command = await build(conn)
+        reads = Reads(conn, tenant, writer.reads)
+        fresh_reads = 0
+
+        async def build_again() -> domain.Command:
+            nonlocal reads, fresh_reads
+            reads, fresh_reads = reads.again(), fresh_reads + 1
+            return await build(reads)
+
+        try:
+            command = await build(reads)
+        except domain.DomainError:
+            if not reads.cached:
+                raise
+            command = await build_again()
         cached = cache.get(key) if cache is not None else None
         # `current`: the state is the stream's head as of this command (not a copy).
         if cached is not None:
@@ -158,9 +184,12 @@ async def execute(
             try:
                 events = domain.decide(command, state, actor, utcnow())
             except domain.DomainError:
-                if current:
+                if not current:
+                    state, current, source = await load(), True, "stale"
+                elif reads.cached:
+                    command = await build_again()
+                else:
                     raise
-                state, current, source = await load(), True, "stale"
                 continue
             envelopes, after = envelopes_for(state, events, ctx)
             result = {
@@ -176,13 +205,21 @@ async def execute(
                 with _append_span(aggregate_type, after, envelopes):
                     appended = await store.append_at(conn, tenant, aggregate_type,
                                                      aggregate_id, state.version, envelopes,
-                                                     idempotency)
+                                                     idempotency, reads.used)
             except store.VersionConflict:
                 if cache is not None:
                     cache.drop(key)
                 head = await store.current_version(conn, tenant, aggregate_id)
                 raise _conflict(aggregate_type, aggregate_id, head,
                                 "another command changed it first") from None
+            except store.ReadsMoved as moved:
+                reads.forget()
+                if fresh_reads >= FRESH_READ_ATTEMPTS:
+                    raise ReadsChanged(
+                        f"{moved}; what this command reads kept changing while it was decided "
+                        f"({fresh_reads} fresh reads): retry it") from None
+                command = await build_again()
+                continue
             except store.IdempotencyKeyTaken:
                 stored = await store.stored_response(conn, tenant, ctx.idempotency_key or "")
                 assert stored is not None

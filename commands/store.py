@@ -2,19 +2,21 @@
 
 Each call is one statement on an autocommit connection of the least-privilege
 command role: a server-side function sets the tenant for row-level security
-and does its work in that statement's own transaction. A command costs at
-most two round trips (load, append), one when the process still holds the
-aggregate (ADR 0013); optimistic concurrency rests on the unique (tenant_id,
-aggregate_id, version), so the load need not share the append's transaction."""
+and does its work in that statement's own transaction. A command costs one
+round trip (the append) when the process still holds its aggregate (ADR 0013) and
+what it reads of other aggregates (ADR 0016), one more for each it must read;
+optimistic concurrency rests on the unique (tenant_id, aggregate_id, version) and
+on the append checking the versions read, so no read need share its transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, DatabaseError
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
@@ -32,6 +34,22 @@ class VersionConflict(Exception):
 
 class IdempotencyKeyTaken(Exception):
     """A concurrent request with the same Idempotency-Key committed first."""
+
+
+# Raised by `event_store.append_at` (migration 0013) when an aggregate the command
+# read is no longer at the version it was read at; nothing is written.
+READS_MOVED = "RF001"
+
+
+class ReadsMoved(Exception):
+    """An aggregate the command read from moved on before the append (ADR 0016)."""
+
+
+class Snapshot(NamedTuple):
+    """Another aggregate's state as of its newest event, and that event's version."""
+
+    version: int
+    state: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -52,11 +70,13 @@ async def load(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
 
 
 async def latest_snapshots(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
-                           aggregate_ids: set[UUID]) -> dict[UUID, dict[str, Any]]:
-    """Other aggregates' current state, read from their newest events (read-only use)."""
+                           aggregate_ids: set[UUID]) -> dict[UUID, Snapshot]:
+    """Other aggregates' current state, read from their newest events; those not
+    found (or of another tenant) are absent."""
     cur = await conn.execute("SELECT * FROM event_store.latest_snapshots(%s, %s, %s)",
                              (tenant_id, aggregate_type, list(aggregate_ids)))
-    return {aggregate_id: aggregate for aggregate_id, _v, aggregate in await cur.fetchall()}
+    return {aggregate_id: Snapshot(version, aggregate)
+            for aggregate_id, version, aggregate in await cur.fetchall()}
 
 
 async def stored_response(conn: AsyncConnection, tenant_id: UUID,
@@ -69,16 +89,17 @@ async def stored_response(conn: AsyncConnection, tenant_id: UUID,
 
 async def definition_with_assignees(
         conn: AsyncConnection, tenant_id: UUID, definition_id: UUID,
-) -> tuple[dict[str, Any] | None, dict[UUID, dict[str, Any]]]:
-    """A definition's current snapshot and its assignees' (by id), in one round trip."""
+) -> tuple[Snapshot | None, dict[UUID, Snapshot]]:
+    """A definition's current snapshot and its registered assignees' (by id), in one
+    round trip."""
     cur = await conn.execute("SELECT * FROM event_store.definition_with_assignees(%s, %s)",
                              (tenant_id, definition_id))
     definition, users = None, {}
-    for aggregate_type, aggregate_id, _version, aggregate in await cur.fetchall():
+    for aggregate_type, aggregate_id, version, aggregate in await cur.fetchall():
         if aggregate_type == "definition":
-            definition = aggregate
+            definition = Snapshot(version, aggregate)
         else:
-            users[aggregate_id] = aggregate
+            users[aggregate_id] = Snapshot(version, aggregate)
     return definition, users
 
 
@@ -114,21 +135,30 @@ def _refusal(exc: UniqueViolation) -> Exception | None:
 
 async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
                     aggregate_id: UUID, head: int, envelopes: list[EventEnvelope],
-                    idempotency: dict[str, Any] | None = None) -> int | list[DomainEvent]:
+                    idempotency: dict[str, Any] | None = None,
+                    reads: Mapping[UUID, int] | None = None) -> int | list[DomainEvent]:
     """Append events with their outbox rows (and the idempotency record) atomically,
     if the stream is still at version `head`: the last event's global position. If
     it moved on, nothing is written and the events after `head` are returned
-    instead (ADR 0013)."""
+    instead (ADR 0013). `reads`: the other aggregates the command was decided on,
+    each at the version it read; if one moved on, nothing is written and
+    `ReadsMoved` is raised (ADR 0016)."""
     try:
         cur = await conn.execute(
-            "SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %b, %s)",
+            "SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %b, %s, "
+            "%s::uuid[], %s::integer[])",
             (tenant_id, aggregate_type, aggregate_id, head, *outbox_items(envelopes),
-             Jsonb(idempotency) if idempotency else None))
+             Jsonb(idempotency) if idempotency else None,
+             list(reads) if reads else None, list(reads.values()) if reads else None))
     except UniqueViolation as exc:
         refusal = _refusal(exc)
         if refusal is None:
             raise
         raise refusal from exc
+    except DatabaseError as exc:
+        if exc.sqlstate == READS_MOVED:
+            raise ReadsMoved(exc.diag.message_primary) from exc
+        raise
     rows = await cur.fetchall()
     if len(rows) == 1 and rows[0][0] is not None:
         return int(rows[0][0])

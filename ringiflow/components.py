@@ -49,7 +49,7 @@ COMPONENTS: dict[str, Component] = {
 def run_component(name: str, settings: Settings) -> None:
     import uvicorn
 
-    from infra import logsafe, tracing
+    from infra import gc_tuning, logsafe, tracing
 
     logsafe.install()
     tracing.setup(name)
@@ -73,4 +73,5 @@ def run_component(name: str, settings: Settings) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
+    gc_tuning.settle()
     uvicorn.Server(config).run(sockets=[sock])

@@ -26,7 +26,7 @@ import faust
 from prometheus_client import Gauge, Histogram, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from infra import logsafe, tracing
+from infra import gc_tuning, logsafe, tracing
 from infra.settings import Settings, libpq_url
 from infra.telemetry import HOP_BUCKETS, observe_many
 from infra.tracing import SpanKind
@@ -258,4 +258,5 @@ def run_projector(group: str, settings: Settings, port: int,
                           redirect_stdouts=False, override_logging=False)
     logsafe.install()
     tracing.setup(f"worker-{group}")
+    gc_tuning.settle()
     worker.execute_from_commandline()
