@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from uuid import uuid4
@@ -17,6 +17,7 @@ from uuid import uuid4
 import httpx
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from infra import db
 from infra.embedded import start_broker
@@ -115,6 +116,15 @@ def component(name: str, settings: Settings, port_setting: str, **extra_env: str
 def command_api(settings: Settings) -> Iterator[str]:
     with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT") as base:
         yield base
+
+
+@pytest.fixture
+async def command_pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
+    """Autocommit connections of the command role, as the command API holds them."""
+    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
+                                   min_size=1, max_size=4,
+                                   kwargs={"autocommit": True}) as pool:
+        yield pool
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ current. Two writers with caches of their own stand for two processes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -22,16 +21,8 @@ from infra.settings import Settings, libpq_url
 from tests.integration.test_state_cache import Office
 
 
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
-                                   min_size=1, max_size=4,
-                                   kwargs={"autocommit": True}) as pool:
-        yield pool
-
-
-def writer_of(pool: AsyncConnectionPool) -> Writer:
-    return Writer(pool, StateCache(100), None, StateCache(100))
+def writer_of(command_pool: AsyncConnectionPool) -> Writer:
+    return Writer(command_pool, StateCache(100), None, StateCache(100))
 
 
 def reads_from(source: str) -> float:
@@ -64,8 +55,8 @@ async def created_steps(settings: Settings, workflow: UUID) -> list[dict[str, An
 
 
 async def test_the_second_workflow_of_a_definition_needs_no_read(
-        pool: AsyncConnectionPool, lookups: list[UUID]) -> None:
-    writer, office = writer_of(pool), Office()
+        command_pool: AsyncConnectionPool, lookups: list[UUID]) -> None:
+    writer, office = writer_of(command_pool), Office()
     definition = await office.setup(writer)
     before = reads_from("cached")
     await office.workflow(writer, definition)
@@ -75,10 +66,10 @@ async def test_the_second_workflow_of_a_definition_needs_no_read(
 
 
 async def test_a_rename_elsewhere_reaches_the_next_workflow_though_the_name_was_cached(
-        pool: AsyncConnectionPool, settings: Settings, lookups: list[UUID]) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings, lookups: list[UUID]) -> None:
     """a holds the approver's old name; b renamed them. a's next workflow carries
     the new name: the append refused the stale read and nothing of it was written."""
-    a, b, office = writer_of(pool), writer_of(pool), Office()
+    a, b, office = writer_of(command_pool), writer_of(command_pool), Office()
     definition = await office.setup(a)
     first = await office.workflow(a, definition)
     assert [s["assignee_name"] for s in await created_steps(settings, first)] == [
@@ -95,10 +86,10 @@ async def test_a_rename_elsewhere_reaches_the_next_workflow_though_the_name_was_
 
 
 async def test_a_refusal_decided_on_a_cached_snapshot_is_asked_again(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool) -> None:
     """A command refused on what the cache holds is built again from fresh reads,
     and lands if the truth allows it."""
-    a, b, office = writer_of(pool), writer_of(pool), Office()
+    a, b, office = writer_of(command_pool), writer_of(command_pool), Office()
     definition = await office.setup(a)
     await handlers.rename_user(a, office.ctx(office.a1), office.a1, "休職中")
 
@@ -119,8 +110,8 @@ async def test_a_refusal_decided_on_a_cached_snapshot_is_asked_again(
 
 
 async def test_the_append_refuses_a_read_that_moved_and_writes_nothing(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
-    writer, office = writer_of(pool), Office()
+        command_pool: AsyncConnectionPool) -> None:
+    writer, office = writer_of(command_pool), Office()
     await office.setup(writer)
     other_tenant_user = uuid4()
     stranger = Office()
@@ -134,7 +125,7 @@ async def test_the_append_refuses_a_read_that_moved_and_writes_nothing(
     events = domain.decide(command, state, domain.Actor(office.initiator, "t", ("user",)),
                            utcnow())
     envelopes, _ = envelopes_for(state, events, ctx)
-    async with pool.connection() as conn:
+    async with command_pool.connection() as conn:
         for reads in ({office.a1: 2},  # registered at version 1
                       {office.a1: 1, uuid4(): 1},  # one that does not exist
                       {other_tenant_user: 1}):  # another tenant's: not there for this one
@@ -152,10 +143,10 @@ async def test_the_append_refuses_a_read_that_moved_and_writes_nothing(
 
 
 async def test_reads_that_keep_moving_refuse_the_command_after_a_few_fresh_tries(
-        pool: AsyncConnectionPool, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        command_pool: AsyncConnectionPool) -> None:
     """Every attempt renames the approver just before appending: the command gives up
     with a conflict the caller can retry, and writes nothing."""
-    a, b, office = writer_of(pool), writer_of(pool), Office()
+    a, b, office = writer_of(command_pool), writer_of(command_pool), Office()
     workflow = await office.workflow(a, await office.setup(a))
     renames = 0
 
@@ -169,5 +160,5 @@ async def test_reads_that_keep_moving_refuse_the_command_after_a_few_fresh_tries
     with pytest.raises(ReadsChanged, match="kept changing"):
         await execute(a, office.ctx(office.initiator), "workflow", workflow, name_then_race)
     assert renames == 6  # the first attempt and five fresh ones
-    async with pool.connection() as conn:
+    async with command_pool.connection() as conn:
         assert await store.current_version(conn, office.tenant, workflow) == 1

@@ -4,7 +4,6 @@ over one database stand for two processes behind one port."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
 import psycopg
@@ -47,14 +46,6 @@ class Office:
         return UUID(created.body["aggregate_id"])
 
 
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
-                                   min_size=1, max_size=4,
-                                   kwargs={"autocommit": True}) as pool:
-        yield pool
-
-
 def commands_by(source: str) -> float:
     return REGISTRY.get_sample_value("ringiflow_command_state_total", {"source": source}) or 0
 
@@ -68,8 +59,8 @@ async def versions(settings: Settings, workflow: UUID) -> list[tuple[int, str]]:
 
 
 async def test_a_stale_copy_is_brought_up_to_date_and_the_command_still_lands(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
-    a, b = Writer(pool, StateCache(100)), Writer(pool, StateCache(100))
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
+    a, b = Writer(command_pool, StateCache(100)), Writer(command_pool, StateCache(100))
     office = Office()
     workflow = await office.workflow(a, await office.setup(a))
     comment = domain.AddComment("一")
@@ -89,10 +80,10 @@ async def test_a_stale_copy_is_brought_up_to_date_and_the_command_still_lands(
 
 
 async def test_a_stale_copy_that_would_refuse_does_not(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """a still holds the draft; b submitted it. Approving through a is right, not a
     refusal for a workflow that 'was never submitted'."""
-    a, b = Writer(pool, StateCache(100)), Writer(pool, StateCache(100))
+    a, b = Writer(command_pool, StateCache(100)), Writer(command_pool, StateCache(100))
     office = Office()
     workflow = await office.workflow(a, await office.setup(a))
     await handlers.on_workflow(b, office.ctx(office.initiator), workflow,
@@ -105,10 +96,10 @@ async def test_a_stale_copy_that_would_refuse_does_not(
 
 
 async def test_a_stale_copy_that_would_accept_is_refused_by_the_truth(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """a still holds the draft; b cancelled it. A comment through a is refused as on a
     cancelled workflow, and nothing is written."""
-    a, b = Writer(pool, StateCache(100)), Writer(pool, StateCache(100))
+    a, b = Writer(command_pool, StateCache(100)), Writer(command_pool, StateCache(100))
     office = Office()
     workflow = await office.workflow(a, await office.setup(a))
     await handlers.on_workflow(b, office.ctx(office.initiator), workflow,
@@ -121,8 +112,8 @@ async def test_a_stale_copy_that_would_accept_is_refused_by_the_truth(
 
 
 async def test_expected_version_is_checked_against_the_stream_not_the_copy(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
-    a, b = Writer(pool, StateCache(100)), Writer(pool, StateCache(100))
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
+    a, b = Writer(command_pool, StateCache(100)), Writer(command_pool, StateCache(100))
     office = Office()
     workflow = await office.workflow(a, await office.setup(a))
     await handlers.on_workflow(b, office.ctx(office.initiator), workflow,
@@ -138,8 +129,8 @@ async def test_expected_version_is_checked_against_the_stream_not_the_copy(
 
 
 async def test_one_id_in_two_tenants_never_shares_a_cached_state(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
-    writer = Writer(pool, StateCache(100))
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
+    writer = Writer(command_pool, StateCache(100))
     first, second = Office(), Office()
     same_id = uuid4()
     for office, name in ((first, "一"), (second, "二")):
