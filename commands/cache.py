@@ -8,8 +8,8 @@ nothing else: the append returns the missed events, they are folded on, and the
 command is decided again. The cache therefore never decides what is written,
 only how many round trips it takes.
 
-The same bounded LRU keeps the snapshots of other aggregates that commands read
-(`commands.reads`, ADR 0016), checked at the append in the same way.
+A second one, of the same size, keeps the snapshots of other aggregates that
+commands read (`commands.reads`, ADR 0016), checked at the append in the same way.
 
 Keys carry the tenant: a tenant never meets another tenant's state through it."""
 
