@@ -120,7 +120,8 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
 ) -> None:
     url = fresh_db.database_url or ""
     tenant = uuid4()  # one tenant: a stream is (tenant, aggregate id)
-    ids = append_streams(url, aggregates=200, versions=40, tenant=tenant)  # 8,000 events
+    # 20,000 events: the relay drains ~50k/s, and the kill must land mid-backlog.
+    ids = append_streams(url, aggregates=200, versions=100, tenant=tenant)
     env = settings_env(fresh_db) | {"RINGIFLOW_RELAY_BATCH_SIZE": "200",
                                     "RINGIFLOW_RELAY_REBALANCE_INTERVAL_S": "0.2"}
     relays = []
@@ -134,9 +135,9 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
         deadline = time.monotonic() + 30
         while published_count(url) < 1500 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert published_count(url) < 8000, "finished before the kill: raise the volume"
+        assert published_count(url) < 20_000, "finished before the kill: raise the volume"
         relays[0].send_signal(signal.SIGKILL)
-        append_streams(url, aggregates=200, versions=5, tenant=tenant, ids=ids, start=41)
+        append_streams(url, aggregates=200, versions=5, tenant=tenant, ids=ids, start=101)
         assert wait_all_published(url, timeout_s=90)["pending"] == 0
         expected = {row[0] for row in outbox_event_ids(url)}
         consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC, expected))
@@ -147,7 +148,7 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
     versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
     assert len(versions) == 200
     for aggregate, seen in versions.items():
-        assert set(seen) == set(range(1, 46)), aggregate
+        assert set(seen) == set(range(1, 106)), aggregate
         assert never_ahead(seen), (aggregate, seen)
 
 
@@ -221,7 +222,7 @@ def test_database_sessions_killed_mid_drain_lose_and_reorder_nothing(
     reorder."""
     url = fresh_db.database_url or ""
     tenant = uuid4()
-    ids = append_streams(url, aggregates=200, versions=40, tenant=tenant)  # 8,000 events
+    ids = append_streams(url, aggregates=200, versions=100, tenant=tenant)  # 20,000 events
     with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT",
                    RINGIFLOW_RELAY_BATCH_SIZE="400"), \
             psycopg.connect(libpq_url(url), autocommit=True) as admin:
@@ -235,14 +236,14 @@ def test_database_sessions_killed_mid_drain_lose_and_reorder_nothing(
                 ).fetchone()
                 kills += bool(row and row[0])
             time.sleep(0.005)
-        assert kills >= 2 and published_count(url) < 8000, "drained before the kills"
+        assert kills >= 2 and published_count(url) < 20_000, "drained before the kills"
         assert wait_all_published(url, timeout_s=90)["pending"] == 0
     consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC,
                                       {row[0] for row in outbox_event_ids(url)}))
     versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
     assert len(versions) == 200
     for aggregate, seen in versions.items():
-        assert set(seen) == set(range(1, 41)), aggregate
+        assert set(seen) == set(range(1, 101)), aggregate
         assert never_ahead(seen), (aggregate, seen)
 
 
