@@ -10,7 +10,8 @@ Prints, from one run on one embedded stack:
     the no-op and a realistic mix at concurrency 1 and 32 (CreateWorkflow,
     SubmitWorkflow, AddComment, ApproveStep x2 per workflow);
   * sequential appends/s in-process (no HTTP) next to the `eventsourcing`
-    library appending to the same PostgreSQL (pip install eventsourcing[postgres]);
+    library appending to the same PostgreSQL, a round of each in turn
+    (`pip install -e '.[bench]'`);
   * the database alone: 16 connections appending through `event_store.append_at`,
     waking the relay after each commit (ADR 0014; one NOTIFY per append, which
     the command API's bell coalesces further) next to a NOTIFY inside each append.
@@ -347,10 +348,11 @@ def main() -> None:
     add_broker_flag(parser)
     args = parser.parse_args()
 
+    def medians(runs: list[tuple[float, list[float]]]) -> tuple[float, list[float]]:
+        return median([r[0] for r in runs]), [lat for r in runs for lat in r[1]]
+
     def best_of(fn, *a) -> tuple[float, list[float]]:
-        runs = [fn(*a) for _ in range(args.rounds)]
-        rate = median([r[0] for r in runs])
-        return rate, [lat for r in runs for lat in r[1]]
+        return medians([fn(*a) for _ in range(args.rounds)])
 
     def wrk_median(url: str, script: str = "") -> WrkResult:
         runs = sorted((wrk(url, script, args.seconds) for _ in range(args.rounds)),
@@ -377,9 +379,13 @@ def main() -> None:
                     http_commands(base, c, args.seconds)))
                 print(summary(f"aiohttp: command mix, c={concurrency}", rate, lat, noop,
                               "no-op"))
-        es_rate, es_lat = best_of(eventsourcing_appends, settings, args.seconds)
+        # Round for round in turn, so both sides meet the same moments of a shared machine.
+        es_runs, our_runs = [], []
+        for _ in range(args.rounds):
+            es_runs.append(eventsourcing_appends(settings, args.seconds))
+            our_runs.append(asyncio.run(inprocess_appends(settings, args.seconds)))
+        (es_rate, es_lat), (ours, ours_lat) = medians(es_runs), medians(our_runs)
         print(summary("eventsourcing library, sequential saves", es_rate, es_lat))
-        ours, ours_lat = best_of(lambda: asyncio.run(inprocess_appends(settings, args.seconds)))
         print(summary("RingiFlow, sequential commands in-process", ours, ours_lat, es_rate,
                       "eventsourcing"))
         inside, inside_lat = best_of(database_appends, settings, args.seconds, True)

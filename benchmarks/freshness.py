@@ -258,7 +258,7 @@ def ms(value: float | None) -> str:
 
 
 async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
-                  seconds: float) -> None:
+                  seconds: float, warm_s: float) -> None:
     bootstrap = settings.kafka_bootstrap or ""
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -269,7 +269,10 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
         for rate in rates:
             base = await floor(bootstrap, rate, seconds,
                                fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms))
-            await client.run(rate, 2)  # warm at this rate: pools grown, caches full
+            # Warm at this rate: pools grown, caches full, and the JVMs' JIT done with
+            # this load (OpenSearch's compiler threads still take ~20 % of a core a
+            # minute into a run).
+            await client.run(rate, warm_s)
             before = scrape(urls)
             results, failures = await client.run(rate, seconds)
             after = scrape(urls)
@@ -300,7 +303,9 @@ def main() -> None:
     parser.add_argument("--rates", default="50,500",
                         help="commands per second, comma-separated (default 50,500)")
     parser.add_argument("--seconds", type=float, default=6.0,
-                        help="how long each rate is measured, after 2 s of warm-up (default 6)")
+                        help="how long each rate is measured, after --warm-seconds (default 6)")
+    parser.add_argument("--warm-seconds", type=float, default=2.0,
+                        help="load at each rate before it is measured (default 2)")
     parser.add_argument("--fetch-wait-ms", type=int, default=None,
                         help="the workers' fetch wait (default: the workers' own default)")
     add_broker_flag(parser)
@@ -311,7 +316,7 @@ def main() -> None:
     with embedded_stack(broker=args.broker) as stack:
         settings = stack.model_copy(update={"worker_fetch_max_wait_ms": args.fetch_wait_ms})
         with system(settings) as urls:
-            asyncio.run(measure(urls, settings, rates, args.seconds))
+            asyncio.run(measure(urls, settings, rates, args.seconds, args.warm_seconds))
 
 
 if __name__ == "__main__":

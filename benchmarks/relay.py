@@ -190,8 +190,10 @@ def main() -> None:
         ratios = [r[0] / r[1] for r in rounds]
         print(f"backlog drain, median of {args.rounds}: relay {relay_rate:,.0f} events/s, raw "
               f"producer {raw_rate:,.0f} events/s, ratio {relay_rate / raw_rate:.2f}; "
-              f"lowest round {min(ratios):.2f}, last/first {ratios[-1] / ratios[0]:.2f} "
-              "(target: >= 0.4 in every round, no decay)")
+              f"lowest round {min(ratios):.2f}; the relay's own rate, last round / first "
+              f"{rounds[-1][0] / rounds[0][0]:.2f} (target: >= 0.4 in every round, no decay; "
+              "decay is read off the relay's rate, not the ratio, whose raw side swings "
+              "with the shared machine)")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,10 @@ def _jvm_options(home: Path, data: Path, logs: Path) -> str:
     text = text.replace("-XX:HeapDumpPath=data", f"-XX:HeapDumpPath={data}")
     text = text.replace("-XX:ErrorFile=logs/", f"-XX:ErrorFile={logs}/")
     text = text.replace("-javaagent:agent/", f"-javaagent:{home}/agent/")
-    return text + f"-Xms{HEAP}\n-Xmx{HEAP}\n"
+    # C1 only: on a small machine the full JIT's compiler threads took ~20 % of a core
+    # for minutes of load, and the node's own work is light (ADR 0006). A long-lived
+    # node that wants peak speed sets OPENSEARCH_JAVA_OPTS=-XX:TieredStopAtLevel=4.
+    return text + f"-Xms{HEAP}\n-Xmx{HEAP}\n-XX:TieredStopAtLevel=1\n"
 
 
 def opensearch_yml(port: int, transport_port: int, data: Path, logs: Path) -> str:
@@ -207,7 +210,9 @@ def start_opensearch_node(data_dir: Path, port: int, timeout: float, dist: Distr
                 os.chown(path, user.pw_uid, user.pw_gid)
         run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     env = {"PATH": "/usr/bin:/bin", "HOME": str(base), "OPENSEARCH_JAVA_HOME": str(runtime.home),
-           "OPENSEARCH_PATH_CONF": str(config), "LANG": "C.UTF-8"}
+           "OPENSEARCH_PATH_CONF": str(config), "LANG": "C.UTF-8",
+           # Read after jvm.options, so its flags win.
+           "OPENSEARCH_JAVA_OPTS": os.environ.get("OPENSEARCH_JAVA_OPTS", "")}
     log_path = data_dir / "logs" / "opensearch.log"
     process = spawn("OpenSearch", [str(home / "bin" / "opensearch")], log_path, HINT,
                      env=env, cwd=str(base), **run_as)

@@ -23,7 +23,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from infra.kafka import is_tansu
 from streams.batching import BatchConsumer
 
-TANSU_FETCH_MAX_WAIT_MS = 100  # Tansu answers a fetch only when its wait runs out
+# Tansu answers a fetch only when its wait runs out, so this bounds freshness there:
+# 50 ms is ~15 ms of floor for ~7 % more of a core while idle than 100 ms (ADR 0008).
+TANSU_FETCH_MAX_WAIT_MS = 50
 KAFKA_FETCH_MAX_WAIT_MS = 500  # Kafka answers as soon as data arrives; this only paces idle
 
 

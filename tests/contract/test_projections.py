@@ -19,7 +19,7 @@ from commands import domain
 from infra.clients import opensearch_client, redis_client
 from infra.settings import Settings, libpq_url
 from projectors.cache.store import CacheStore
-from projectors.projection import Store
+from projectors.projection import Delivery, NonRetryable, Store
 from projectors.search.store import ALIAS, SearchStore
 from projectors.workflows.store import WorkflowStore
 from tests.scenarios import World, build_world, chaotic, in_order
@@ -228,3 +228,29 @@ def normalise(state: State, world: World) -> State:
 
     return {name: sorted((tuple(plain(v) for v in row) for row in rows), key=repr)
             for name, rows in state.items()}
+
+
+async def test_a_row_postgresql_refuses_is_the_events_fault_and_writes_nothing(
+    settings: Settings,
+) -> None:
+    """The workflow store pipelines its statements (two round trips a batch). A row
+    the database refuses must still surface as that batch's own error, NonRetryable
+    (dead-lettered), not as an aborted pipeline read as an outage and retried
+    forever; nothing of the batch is written, and the store goes on."""
+    world = build_world(workflows=2, seed=5)
+    events = list(world.events)
+    n = next(i for i, e in enumerate(events) if e.aggregate_type.value == "workflow")
+    too_long = {**events[n].aggregate, "title": "長" * 501}  # the column holds 500
+    broken = [*events[:n], events[n].model_copy(update={"aggregate": too_long}), *events[n + 1:]]
+    store = WorkflowStore(libpq_url(settings.role_database_url("projector")))
+    await store.start()
+    try:
+        with pytest.raises(NonRetryable, match=r"StringDataRightTruncation"):
+            await store.apply([Delivery(e) for e in broken])
+        assert all(rows == [] for rows in (await read_postgres(settings, world.tenant_id))
+                   .values())
+        for batch in in_order(world.events):
+            await store.apply(batch)
+    finally:
+        await store.close()
+    check_postgres(await read_postgres(settings, world.tenant_id), world)

@@ -216,11 +216,13 @@ async def _resume(bootstrap: str, group: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.8.0", "2.19.6"])
 def test_opensearch_analyses_japanese_and_takes_the_indexers_index(
-    tmp_path: Path, settings: Settings, version: str,
+    tmp_path: Path, settings: Settings, version: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both embedded distributions: kuromoji tokenizes, the indexer's own index (with
     its kuromoji analyzer) is created behind its alias, a stale external version is
-    refused."""
+    refused. The node compiles with C1 only, and OPENSEARCH_JAVA_OPTS comes after
+    that flag, so a user's choice wins (ADR 0006)."""
+    monkeypatch.setenv("OPENSEARCH_JAVA_OPTS", "-XX:TieredStopAtLevel=4")
     from opensearchpy import AsyncOpenSearch
     from opensearchpy.exceptions import ConflictError
 
@@ -241,6 +243,9 @@ def test_opensearch_analyses_japanese_and_takes_the_indexers_index(
             tokens = await client.indices.analyze(
                 body={"analyzer": "kuromoji", "text": "稟議書の承認依頼"})
             assert [t["token"] for t in tokens["tokens"]] == ["稟議", "書", "承認", "依頼"]
+            node = next(iter((await client.nodes.info(metric="jvm"))["nodes"].values()))
+            flags = [a for a in node["jvm"]["input_arguments"] if "TieredStopAtLevel" in a]
+            assert flags == ["-XX:TieredStopAtLevel=1", "-XX:TieredStopAtLevel=4"]
             await ensure_index(client, "workflows")
             index = next(iter(await client.indices.get_alias(name="workflows")))
             analysis = (await client.indices.get_settings(index=index))[index]["settings"]
