@@ -269,9 +269,9 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
         for rate in rates:
             base = await floor(bootstrap, rate, seconds,
                                fetch_max_wait_ms(bootstrap, settings.worker_fetch_max_wait_ms))
-            # Warm at this rate: pools grown, caches full, and the JVMs' JIT done with
-            # this load (OpenSearch's compiler threads still take ~20 % of a core a
-            # minute into a run).
+            # Warm at this rate: pools grown, caches full, and the JVMs' compilers
+            # settled on this load (ADR 0006: OpenSearch's full JIT still compiled a
+            # minute into a run; Kafka keeps its full JIT).
             await client.run(rate, warm_s)
             before = scrape(urls)
             results, failures = await client.run(rate, seconds)

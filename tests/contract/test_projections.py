@@ -233,7 +233,7 @@ def normalise(state: State, world: World) -> State:
 async def test_a_row_postgresql_refuses_is_the_events_fault_and_writes_nothing(
     settings: Settings,
 ) -> None:
-    """The workflow store pipelines its statements (two round trips a batch). A row
+    """The workflow store pipelines its statements (two round trips per tenant). A row
     the database refuses must still surface as that batch's own error, NonRetryable
     (dead-lettered), not as an aborted pipeline read as an outage and retried
     forever; nothing of the batch is written, and the store goes on."""

@@ -35,6 +35,10 @@ from tests.events import (
 from tests.helpers import Tenant
 
 TOPIC = contract.WORKFLOW_EVENTS.name
+# The fault tests' backlog: the relay drains ~50k events/s, so a kill must land in a
+# backlog large enough to be mid-drain (8,000 once finished before the kill did).
+BACKLOG_STREAMS, BACKLOG_VERSIONS = 200, 100
+BACKLOG = BACKLOG_STREAMS * BACKLOG_VERSIONS  # 20,000 events
 
 
 def outbox_rows(database_url: str, where: str = "true") -> list[tuple]:
@@ -120,8 +124,8 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
 ) -> None:
     url = fresh_db.database_url or ""
     tenant = uuid4()  # one tenant: a stream is (tenant, aggregate id)
-    # 20,000 events: the relay drains ~50k/s, and the kill must land mid-backlog.
-    ids = append_streams(url, aggregates=200, versions=100, tenant=tenant)
+    ids = append_streams(url, aggregates=BACKLOG_STREAMS, versions=BACKLOG_VERSIONS,
+                         tenant=tenant)
     env = settings_env(fresh_db) | {"RINGIFLOW_RELAY_BATCH_SIZE": "200",
                                     "RINGIFLOW_RELAY_REBALANCE_INTERVAL_S": "0.2"}
     relays = []
@@ -135,9 +139,10 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
         deadline = time.monotonic() + 30
         while published_count(url) < 1500 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert published_count(url) < 20_000, "finished before the kill: raise the volume"
+        assert published_count(url) < BACKLOG, "finished before the kill: raise the volume"
         relays[0].send_signal(signal.SIGKILL)
-        append_streams(url, aggregates=200, versions=5, tenant=tenant, ids=ids, start=101)
+        append_streams(url, aggregates=BACKLOG_STREAMS, versions=5, tenant=tenant, ids=ids,
+                       start=BACKLOG_VERSIONS + 1)
         assert wait_all_published(url, timeout_s=90)["pending"] == 0
         expected = {row[0] for row in outbox_event_ids(url)}
         consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC, expected))
@@ -146,9 +151,9 @@ def test_two_relays_one_killed_mid_batch_never_reorder_an_aggregate(
             relay.kill()
             relay.wait()
     versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
-    assert len(versions) == 200
+    assert len(versions) == BACKLOG_STREAMS
     for aggregate, seen in versions.items():
-        assert set(seen) == set(range(1, 106)), aggregate
+        assert set(seen) == set(range(1, BACKLOG_VERSIONS + 6)), aggregate
         assert never_ahead(seen), (aggregate, seen)
 
 
@@ -222,7 +227,8 @@ def test_database_sessions_killed_mid_drain_lose_and_reorder_nothing(
     reorder."""
     url = fresh_db.database_url or ""
     tenant = uuid4()
-    ids = append_streams(url, aggregates=200, versions=100, tenant=tenant)  # 20,000 events
+    ids = append_streams(url, aggregates=BACKLOG_STREAMS, versions=BACKLOG_VERSIONS,
+                         tenant=tenant)
     with component("relay", fresh_db, "RINGIFLOW_RELAY_PORT",
                    RINGIFLOW_RELAY_BATCH_SIZE="400"), \
             psycopg.connect(libpq_url(url), autocommit=True) as admin:
@@ -236,14 +242,14 @@ def test_database_sessions_killed_mid_drain_lose_and_reorder_nothing(
                 ).fetchone()
                 kills += bool(row and row[0])
             time.sleep(0.005)
-        assert kills >= 2 and published_count(url) < 20_000, "drained before the kills"
+        assert kills >= 2 and published_count(url) < BACKLOG, "drained before the kills"
         assert wait_all_published(url, timeout_s=90)["pending"] == 0
     consumed = asyncio.run(read_topic(fresh_db.kafka_bootstrap or "", TOPIC,
                                       {row[0] for row in outbox_event_ids(url)}))
     versions = per_aggregate([c for c in consumed if c.envelope.aggregate_id in set(ids)])
-    assert len(versions) == 200
+    assert len(versions) == BACKLOG_STREAMS
     for aggregate, seen in versions.items():
-        assert set(seen) == set(range(1, 101)), aggregate
+        assert set(seen) == set(range(1, BACKLOG_VERSIONS + 1)), aggregate
         assert never_ahead(seen), (aggregate, seen)
 
 
