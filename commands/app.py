@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from commands import domain, handlers, openapi, schemas
 from commands.bell import OutboxBell
 from commands.cache import StateCache
+from commands.group_commit import GroupCommit
 from commands.service import (
     CommandContext,
     IdempotencyKeyReused,
@@ -226,8 +227,10 @@ def create_app(settings: Settings) -> FastAPI:
             kwargs={"autocommit": True, "prepare_threshold": 1}, configure=bell.configure,
         )
         await pool.open(wait=False)
+        group = (GroupCommit(settings.command_group_commit)
+                 if settings.command_group_commit > 1 else None)
         holder["writer"] = Writer(pool, StateCache(settings.command_state_cache), bell,
-                                  StateCache(settings.command_state_cache))
+                                  StateCache(settings.command_state_cache), group)
         try:
             yield
         finally:

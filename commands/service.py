@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from commands import domain, store
 from commands.bell import OutboxBell
 from commands.cache import StateCache
+from commands.group_commit import GroupCommit
 from commands.reads import Reads
 from contract import (
     AggregateType,
@@ -85,13 +86,16 @@ class Writer:
     """Where commands are written: the pool of the command role, the process's
     cache of recently written aggregates (none: every command loads its stream), the
     bell that wakes the relay after each commit when the pool's connections leave
-    that to it (none: the outbox trigger notifies inside the append), and the cache
-    of other aggregates' snapshots commands read (none: read every time)."""
+    that to it (none: the outbox trigger notifies inside the append), the cache
+    of other aggregates' snapshots commands read (none: read every time), and the
+    group commit that writes concurrent commands' appends in one transaction (none:
+    each its own)."""
 
     pool: AsyncConnectionPool
     cache: StateCache[domain.AggregateState] | None = None
     bell: OutboxBell | None = None
     reads: StateCache[store.Snapshot] | None = None
+    group: GroupCommit | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +207,10 @@ async def execute(
                                "status_code": created_status, "response": result}
             try:
                 with _append_span(aggregate_type, after, envelopes):
-                    appended = await store.append_at(conn, tenant, aggregate_type,
-                                                     aggregate_id, state.version, envelopes,
-                                                     idempotency, reads.used)
+                    append = store.append_of(tenant, aggregate_type, aggregate_id,
+                                             state.version, envelopes, idempotency, reads.used)
+                    appended = await (writer.group.append(conn, append) if writer.group
+                                      else store.append(conn, append))
             except store.VersionConflict:
                 if cache is not None:
                     cache.drop(key)

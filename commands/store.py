@@ -10,13 +10,13 @@ on the append checking the versions read, so no read need share its transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
-from psycopg import AsyncConnection, DatabaseError
+from psycopg import AsyncConnection, DatabaseError, errors
 from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
@@ -123,9 +123,8 @@ def outbox_items(envelopes: list[EventEnvelope]) -> OutboxItems:
         [envelope_wire(envelope) for envelope in envelopes])
 
 
-def _refusal(exc: UniqueViolation) -> Exception | None:
+def _refusal(constraint: str | None) -> Exception | None:
     """The refusal a unique violation of the append means, if it is one of ours."""
-    constraint = exc.diag.constraint_name or ""
     if constraint == "events_aggregate_version":
         return VersionConflict()
     if constraint == "idempotency_keys_pkey":
@@ -133,25 +132,58 @@ def _refusal(exc: UniqueViolation) -> Exception | None:
     return None
 
 
+class Append(NamedTuple):
+    """One command's append: its stream, the version it was decided at (`head`), its
+    outbox items, its idempotency record, and each aggregate it read at the version
+    read."""
+
+    tenant_id: UUID
+    aggregate_type: str
+    aggregate_id: UUID
+    head: int
+    items: OutboxItems
+    idempotency: dict[str, Any] | None = None
+    reads: Mapping[UUID, int] | None = None
+
+
+# The stream's last global position once appended, or the events after `head` when
+# the stream had moved on (nothing written).
+Appended = int | list[DomainEvent]
+
+
+def append_of(tenant_id: UUID, aggregate_type: str, aggregate_id: UUID, head: int,
+              envelopes: list[EventEnvelope], idempotency: dict[str, Any] | None = None,
+              reads: Mapping[UUID, int] | None = None) -> Append:
+    """Built in the command's own span: its outbox rows carry that span's context."""
+    return Append(tenant_id, aggregate_type, aggregate_id, head, outbox_items(envelopes),
+                  idempotency, reads or None)
+
+
 async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
                     aggregate_id: UUID, head: int, envelopes: list[EventEnvelope],
                     idempotency: dict[str, Any] | None = None,
-                    reads: Mapping[UUID, int] | None = None) -> int | list[DomainEvent]:
+                    reads: Mapping[UUID, int] | None = None) -> Appended:
+    """`append` of these envelopes."""
+    return await append(conn, append_of(tenant_id, aggregate_type, aggregate_id, head,
+                                        envelopes, idempotency, reads))
+
+
+async def append(conn: AsyncConnection, a: Append) -> Appended:
     """Append events with their outbox rows (and the idempotency record) atomically,
     if the stream is still at version `head`: the last event's global position. If
     it moved on, nothing is written and the events after `head` are returned
-    instead (ADR 0013). `reads`: the other aggregates the command was decided on,
-    each at the version it read; if one moved on, nothing is written and
-    `ReadsMoved` is raised (ADR 0016)."""
+    instead (ADR 0013). If an aggregate the command read moved on, nothing is
+    written and `ReadsMoved` is raised (ADR 0016)."""
+    reads = a.reads
     try:
         cur = await conn.execute(
             "SELECT * FROM event_store.append_at(%s, %s, %s, %s, %s, %b, %s, "
             "%s::uuid[], %s::integer[])",
-            (tenant_id, aggregate_type, aggregate_id, head, *outbox_items(envelopes),
-             Jsonb(idempotency) if idempotency else None,
+            (a.tenant_id, a.aggregate_type, a.aggregate_id, a.head, *a.items,
+             Jsonb(a.idempotency) if a.idempotency else None,
              list(reads) if reads else None, list(reads.values()) if reads else None))
     except UniqueViolation as exc:
-        refusal = _refusal(exc)
+        refusal = _refusal(exc.diag.constraint_name)
         if refusal is None:
             raise
         raise refusal from exc
@@ -159,10 +191,52 @@ async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
         if exc.sqlstate == READS_MOVED:
             raise ReadsMoved(exc.diag.message_primary) from exc
         raise
-    rows = await cur.fetchall()
+    return _appended(await cur.fetchall())
+
+
+def _appended(rows: list[tuple[Any, Any, Any]]) -> Appended:
     if len(rows) == 1 and rows[0][0] is not None:
         return int(rows[0][0])
     return [DomainEvent(event_type, payload) for _p, event_type, payload in rows]
+
+
+async def append_batch(conn: AsyncConnection,
+                       appends: Sequence[Append]) -> list[Appended | Exception]:
+    """Each append as `append` would do it, all in one transaction (ADR 0018): its
+    outcome, or the refusal or error `append` would raise for it, which undid that
+    append only. An error of the transaction itself is raised."""
+    reads = [a.reads or {} for a in appends]
+    cur = await conn.execute(
+        "SELECT * FROM event_store.append_batch(%s::uuid[], %s::text[], %s::uuid[], "
+        "%s::integer[], %s::integer[], %s, %b, %s, %s::integer[], %s::uuid[], %s::integer[])",
+        ([a.tenant_id for a in appends], [a.aggregate_type for a in appends],
+         [a.aggregate_id for a in appends], [a.head for a in appends],
+         [len(a.items.wire) for a in appends], Jsonb([a.items.targets.obj for a in appends]),
+         [wire for a in appends for wire in a.items.wire],
+         Jsonb([a.idempotency for a in appends]), [len(r) for r in reads],
+         [i for r in reads for i in r], [v for r in reads for v in r.values()]))
+    rows: list[list[tuple[Any, Any, Any]]] = [[] for _ in appends]
+    refused: dict[int, Exception] = {}
+    for item, position, event_type, payload, sqlstate, constraint, message in (
+            await cur.fetchall()):
+        if sqlstate is None:
+            rows[item - 1].append((position, event_type, payload))
+        else:
+            refused[item - 1] = _batch_refusal(sqlstate, constraint, message)
+    return [refused.get(i) or _appended(r) for i, r in enumerate(rows)]
+
+
+def _batch_refusal(sqlstate: str, constraint: str | None, message: str) -> Exception:
+    """What `append` raises for this error, which the batch returned instead."""
+    if sqlstate == READS_MOVED:
+        return ReadsMoved(message)
+    try:
+        error = errors.lookup(sqlstate)(message)
+    except KeyError:  # a SQLSTATE psycopg has no class for
+        error = DatabaseError(f"{message} (SQLSTATE {sqlstate})")
+    if isinstance(error, UniqueViolation):
+        return _refusal(constraint) or error
+    return error
 
 
 async def current_version(conn: AsyncConnection, tenant_id: UUID, aggregate_id: UUID) -> int:

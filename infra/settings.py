@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     command_db_pool_size: int = Field(default=20, ge=1, le=200)
     # Aggregates each command API process keeps after writing them (ADR 0013); 0: none.
     command_state_cache: int = Field(default=10_000, ge=0, le=1_000_000)
+    # Most concurrent commands' appends one transaction holds (ADR 0018); 1: each its own.
+    command_group_commit: int = Field(default=32, ge=1, le=60)
     # Each API runs as this many processes on its one port (a Python process uses one core).
     command_api_processes: int = Field(default=2, ge=1, le=64)
     query_api_processes: int = Field(default=2, ge=1, le=64)
