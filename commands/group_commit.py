@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from psycopg import AsyncConnection, OperationalError
 from psycopg.errors import DeadlockDetected
 
@@ -35,6 +35,8 @@ DEADLOCK_RETRIES = 3
 BATCH_SIZE = Histogram("ringiflow_command_group_commit_appends",
                        "Commands whose appends one transaction wrote (ADR 0018)",
                        buckets=(1, 2, 4, 8, 16, 32, 60))
+DEADLOCKS = Counter("ringiflow_command_group_commit_deadlocks_total",
+                    "Appends PostgreSQL undid to break a deadlock between batches, sent again")
 
 
 @dataclass
@@ -83,7 +85,7 @@ class GroupCommit:
         BATCH_SIZE.observe(len(batch))
         self.flushing += 1
         try:
-            outcomes = await _write(conn, [p.append for p in batch])
+            outcomes = await write(conn, [p.append for p in batch])
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else OperationalError(
                 "the transaction holding this command's append was interrupted; its "
@@ -109,8 +111,10 @@ def _seen(outcome: asyncio.Future[store.Appended]) -> None:
     outcome.exception()  # marks it retrieved: asyncio logs an unread error otherwise
 
 
-async def _write(conn: AsyncConnection,
-                 appends: list[store.Append]) -> list[store.Appended | Exception]:
+async def write(conn: AsyncConnection,
+                appends: list[store.Append]) -> list[store.Appended | Exception]:
+    """These appends in one transaction: each one's outcome, or the refusal or error
+    that undid it; one undone by a deadlock is sent again."""
     if len(appends) == 1:
         try:
             return [await store.append(conn, appends[0])]
@@ -128,6 +132,7 @@ async def _write(conn: AsyncConnection,
             outcomes[i] = outcome
         todo = [i for i, outcome in zip(todo, written, strict=True)
                 if isinstance(outcome, DeadlockDetected)]
+        DEADLOCKS.inc(len(todo))
         if not todo or attempt == DEADLOCK_RETRIES:
             break
     return outcomes

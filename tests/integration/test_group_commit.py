@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from commands import domain, handlers, store
 from commands.cache import StateCache
-from commands.group_commit import GroupCommit
+from commands.group_commit import GroupCommit, write
 from commands.service import VersionConflict, Writer
 from infra.settings import Settings, libpq_url
 from tests.events import comment_envelope
@@ -174,3 +174,45 @@ async def test_an_interrupted_batch_fails_its_commands_and_strands_none_behind_i
     written = {a for (a,) in await rows(settings, "SELECT aggregate_id FROM event_store.events "
                                         "WHERE tenant_id = %s", tenant)}
     assert written == {x, *behind}
+
+
+async def test_a_deadlock_between_two_batches_is_sent_again_and_reaches_no_command(
+        pool: AsyncConnectionPool, settings: Settings) -> None:
+    """Two batches (two processes) share stream x and idempotency key k, each taking one
+    first: PostgreSQL breaks the cycle by undoing one append, which is sent again and
+    ends as the refusal it would have had alone, never as a deadlock."""
+    tenant = uuid4()
+    a, x, b = sorted(uuid4() for _ in range(3))  # batches go in stream order: a, x, b
+    k = {"key": f"k-{uuid4()}", "request_hash": "h", "status_code": 201, "response": {}}
+    deadlocks = REGISTRY.get_sample_value("ringiflow_command_group_commit_deadlocks_total") or 0
+    blocker = await psycopg.AsyncConnection.connect(libpq_url(settings.database_url or ""))
+    try:
+        # An uncommitted version 1 of a: batch one takes k, then waits here.
+        await blocker.execute("SELECT event_store.append_events(%s, %s, %b)",
+                              (tenant, *store.outbox_items([comment_envelope(tenant, a, 1)])))
+
+        async def batch(appends: list[store.Append]) -> list[store.Appended | Exception]:
+            async with pool.connection() as conn:
+                return await write(conn, appends)
+
+        one = asyncio.create_task(batch([comment(tenant, a, 0, idempotency=k),
+                                         comment(tenant, x, 0)]))
+        await asyncio.sleep(0.5)
+        two = asyncio.create_task(batch([comment(tenant, x, 0),  # takes x, waits for k
+                                         comment(tenant, b, 0, idempotency=k)]))
+        await asyncio.sleep(0.5)
+        await blocker.rollback()  # batch one goes on to x: the cycle closes
+        outcomes = await asyncio.wait_for(asyncio.gather(one, two), 30)
+    finally:
+        await blocker.close()
+    assert REGISTRY.get_sample_value("ringiflow_command_group_commit_deadlocks_total") == (
+        deadlocks + 1), "the batches did not deadlock: the test no longer tests the retry"
+    (a_out, x_by_one), (x_by_two, b_out) = outcomes
+    assert isinstance(a_out, int)
+    assert isinstance(b_out, store.IdempotencyKeyTaken)  # k is a's
+    assert isinstance(x_by_two, int)  # x is two's; one's append lost the race to it
+    assert isinstance(x_by_one, store.VersionConflict) or x_by_one == [
+        domain.DomainEvent("CommentAdded", {"body": "v1", "filler": ""})], x_by_one
+    written = await rows(settings, "SELECT aggregate_id, version FROM event_store.events "
+                         "WHERE tenant_id = %s", tenant)
+    assert sorted(written) == sorted([(a, 1), (x, 1)])
