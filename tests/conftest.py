@@ -120,9 +120,10 @@ def command_api(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture
 async def command_pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    """Autocommit connections of the command role, as the command API holds them."""
+    """Autocommit connections of the command role, as the command API holds them: enough
+    that every command of a group commit's batch holds its own (ADR 0018)."""
     async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
-                                   min_size=1, max_size=4,
+                                   min_size=1, max_size=24,
                                    kwargs={"autocommit": True}) as pool:
         yield pool
 

@@ -5,7 +5,6 @@ stream is still decided append by append, and an interrupted batch strands nobod
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -21,15 +20,6 @@ from commands.service import VersionConflict, Writer
 from infra.settings import Settings, libpq_url
 from tests.events import comment_envelope
 from tests.integration.test_state_cache import Office, versions
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    """Enough connections that every command of a batch holds its own, as in the API."""
-    async with AsyncConnectionPool(libpq_url(settings.role_database_url("command")),
-                                   min_size=2, max_size=24,
-                                   kwargs={"autocommit": True}) as pool:
-        yield pool
 
 
 def comment(tenant: UUID, stream: UUID, head: int, **kw: Any) -> store.Append:
@@ -51,7 +41,7 @@ def batches() -> tuple[float, float]:
 
 
 async def test_each_append_of_a_batch_keeps_its_own_outcome(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     tenant, other_tenant = uuid4(), uuid4()
     s1, s2, s3, s4, s5, s6 = (uuid4() for _ in range(6))
     key = {"key": f"k-{uuid4()}", "request_hash": "h", "status_code": 201,
@@ -59,7 +49,7 @@ async def test_each_append_of_a_batch_keeps_its_own_outcome(
     garbage = store.Append(tenant, "workflow", s5, 0,
                            store.OutboxItems(comment(tenant, s5, 0).items.targets,
                                              [b"not an envelope"]))
-    async with pool.connection() as conn:
+    async with command_pool.connection() as conn:
         outcomes = await store.append_batch(conn, [
             comment(tenant, s1, 0),
             comment(tenant, s1, 0),  # the same head again: s1 moved on under it
@@ -88,8 +78,8 @@ async def test_each_append_of_a_batch_keeps_its_own_outcome(
 
 
 async def test_concurrent_commands_share_transactions_and_all_land(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
-    writer = Writer(pool, StateCache(100), None, StateCache(100), GroupCommit(32))
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
+    writer = Writer(command_pool, StateCache(100), None, StateCache(100), GroupCommit(32))
     office = Office()
     definition = await office.setup(writer)
     transactions, appends = batches()
@@ -102,11 +92,11 @@ async def test_concurrent_commands_share_transactions_and_all_land(
 
 
 async def test_a_race_on_one_stream_inside_batches_never_forks_it(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """Twenty comments at once on one workflow: each that succeeds holds its own version,
     one after another, and each that fails is a version conflict (as without batches);
     with one expected version, exactly one lands."""
-    writer = Writer(pool, StateCache(100), None, StateCache(100), GroupCommit(32))
+    writer = Writer(command_pool, StateCache(100), None, StateCache(100), GroupCommit(32))
     office = Office()
     workflow = await office.workflow(writer, await office.setup(writer))
 
@@ -131,7 +121,7 @@ async def test_a_race_on_one_stream_inside_batches_never_forks_it(
 
 
 async def test_an_interrupted_batch_fails_its_commands_and_strands_none_behind_it(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """The leader of a batch is cancelled while its transaction waits on a lock: the
     commands in that batch get an error at once (and nothing of them is written); the
     commands queued behind it are written by the next leader."""
@@ -146,7 +136,7 @@ async def test_an_interrupted_batch_fails_its_commands_and_strands_none_behind_i
                                                                                  1)])))
 
         async def append(a: store.Append) -> store.Appended:
-            async with pool.connection() as conn:
+            async with command_pool.connection() as conn:
                 return await group.append(conn, a)
 
         first = asyncio.create_task(append(comment(tenant, x, 0)))  # waits on blockers[0]
@@ -177,7 +167,7 @@ async def test_an_interrupted_batch_fails_its_commands_and_strands_none_behind_i
 
 
 async def test_a_deadlock_between_two_batches_is_sent_again_and_reaches_no_command(
-        pool: AsyncConnectionPool, settings: Settings) -> None:
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """Two batches (two processes) share stream x and idempotency key k, each taking one
     first: PostgreSQL breaks the cycle by undoing one append, which is sent again and
     ends as the refusal it would have had alone, never as a deadlock."""
@@ -192,7 +182,7 @@ async def test_a_deadlock_between_two_batches_is_sent_again_and_reaches_no_comma
                               (tenant, *store.outbox_items([comment_envelope(tenant, a, 1)])))
 
         async def batch(appends: list[store.Append]) -> list[store.Appended | Exception]:
-            async with pool.connection() as conn:
+            async with command_pool.connection() as conn:
                 return await write(conn, appends)
 
         one = asyncio.create_task(batch([comment(tenant, a, 0, idempotency=k),
