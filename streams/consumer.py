@@ -5,7 +5,7 @@ Two waits sat between the broker and the read models (issue 14):
 * Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500``. Apache Kafka
   answers a fetch as soon as a record arrives, so there it costs nothing; Tansu holds
   every fetch for the whole wait, so each event waited ~0.7 s on average. The worker
-  sets the wait (``RINGIFLOW_WORKER_FETCH_MAX_WAIT_MS``; by default 100 ms on Tansu,
+  sets the wait (``RINGIFLOW_WORKER_FETCH_MAX_WAIT_MS``; by default 50 ms on Tansu,
   500 ms on Kafka) through :class:`ProjectorApp`, which is still a plain Faust app.
 * ``Stream.noack_take(n, within)`` wakes on a clock: a lone event waits for the
   window to end. The consumer here is a :class:`streams.batching.BatchConsumer`:
