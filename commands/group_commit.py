@@ -124,7 +124,7 @@ async def write(conn: AsyncConnection,
     # cycle over the streams they append to.
     order = sorted(range(len(appends)),
                    key=lambda i: (appends[i].tenant_id, appends[i].aggregate_id))
-    outcomes: list[store.Appended | Exception] = [None] * len(appends)  # type: ignore[list-item]
+    outcomes: dict[int, store.Appended | Exception] = {}
     todo = order
     for attempt in range(DEADLOCK_RETRIES + 1):
         written = await store.append_batch(conn, [appends[i] for i in todo])
@@ -135,4 +135,4 @@ async def write(conn: AsyncConnection,
         DEADLOCKS.inc(len(todo))
         if not todo or attempt == DEADLOCK_RETRIES:
             break
-    return outcomes
+    return [outcomes[i] for i in range(len(appends))]

@@ -5,6 +5,7 @@ stream is still decided append by append, and an interrupted batch strands nobod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -206,3 +207,60 @@ async def test_a_deadlock_between_two_batches_is_sent_again_and_reaches_no_comma
     written = await rows(settings, "SELECT aggregate_id, version FROM event_store.events "
                          "WHERE tenant_id = %s", tenant)
     assert sorted(written) == sorted([(a, 1), (x, 1)])
+
+
+async def test_a_batch_whose_session_is_killed_fails_whole_and_its_retries_land_once(
+        command_pool: AsyncConnectionPool, settings: Settings) -> None:
+    """PostgreSQL's session dies under a batch in flight: every command of it gets the
+    error and nothing of the batch is written; each, retried with its Idempotency-Key,
+    lands exactly once."""
+    writer = Writer(command_pool, StateCache(100), None, StateCache(100), GroupCommit(32))
+    office = Office()
+    definition = await office.setup(writer)
+    first, *batched = [await office.workflow(writer, definition) for _ in range(4)]
+    keys = {w: f"comment-{uuid4()}" for w in batched}
+
+    async def comment_on(workflow: UUID, key: str | None = None) -> object:
+        ctx = dataclasses.replace(office.ctx(office.initiator), idempotency_key=key,
+                                  request_fingerprint=f"comment {key}")
+        return await handlers.on_workflow(writer, ctx, workflow, domain.AddComment("再送"))
+
+    url = libpq_url(settings.database_url or "")
+    blockers = [await psycopg.AsyncConnection.connect(url) for _ in range(2)]
+    try:
+        for blocker, workflow in zip(blockers, (first, batched[0]), strict=True):
+            await blocker.execute("SELECT event_store.append_events(%s, %s, %b)", (
+                office.tenant, *store.outbox_items([comment_envelope(office.tenant, workflow,
+                                                                     2)])))
+        alone = asyncio.create_task(comment_on(first))  # in flight, waiting on blockers[0]
+        await asyncio.sleep(0.3)
+        in_batch = [asyncio.create_task(comment_on(w, keys[w])) for w in batched]
+        await asyncio.sleep(0.3)
+        await blockers[0].rollback()  # `alone` lands; the three go as one batch
+        await asyncio.wait_for(alone, 10)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+            for _ in range(100):  # the batch, waiting on blockers[1]
+                killed = await (await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE '%%append_batch%%' AND wait_event_type = 'Lock'")
+                                ).fetchall()
+                if killed:
+                    break
+                await asyncio.sleep(0.05)
+        assert killed, "the batch never waited on the lock"
+        for task in in_batch:
+            with pytest.raises(psycopg.OperationalError):
+                await asyncio.wait_for(task, 10)
+        await blockers[1].rollback()
+    finally:
+        for blocker in blockers:
+            await blocker.close()
+    for workflow in batched:
+        assert [v for v, _ in await versions(settings, workflow)] == [1]  # none written
+    retried = await asyncio.gather(*(comment_on(w, keys[w]) for w in batched))
+    assert [r.replayed for r in retried] == [False] * 3  # nothing had committed to replay
+    again = await asyncio.gather(*(comment_on(w, keys[w]) for w in batched))
+    assert [r.replayed for r in again] == [True] * 3
+    for workflow in batched:
+        assert await versions(settings, workflow) == [(1, "WorkflowCreated"),
+                                                      (2, "CommentAdded")]
