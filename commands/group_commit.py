@@ -75,9 +75,12 @@ class GroupCommit:
         finally:
             if mine in self.queued:  # cancelled while queued: never sent
                 self.queued.remove(mine)
-            # Whoever raised here saw the error; a batch that outlives a cancelled
-            # command sets an outcome nobody reads.
-            mine.outcome.add_done_callback(_seen)
+            # Marked as read: whoever raised here saw the error itself, and a batch that
+            # outlives a cancelled command sets an outcome nobody reads.
+            if mine.outcome.done():
+                mine.outcome.exception()
+            else:
+                mine.outcome.add_done_callback(_seen)
         return mine.outcome.result()
 
     async def _flush(self, conn: AsyncConnection) -> None:
@@ -132,7 +135,7 @@ async def write(conn: AsyncConnection,
             outcomes[i] = outcome
         todo = [i for i, outcome in zip(todo, written, strict=True)
                 if isinstance(outcome, DeadlockDetected)]
-        DEADLOCKS.inc(len(todo))
         if not todo or attempt == DEADLOCK_RETRIES:
             break
+        DEADLOCKS.inc(len(todo))
     return [outcomes[i] for i in range(len(appends))]

@@ -156,16 +156,7 @@ def append_of(tenant_id: UUID, aggregate_type: str, aggregate_id: UUID, head: in
               reads: Mapping[UUID, int] | None = None) -> Append:
     """Built in the command's own span: its outbox rows carry that span's context."""
     return Append(tenant_id, aggregate_type, aggregate_id, head, outbox_items(envelopes),
-                  idempotency, reads or None)
-
-
-async def append_at(conn: AsyncConnection, tenant_id: UUID, aggregate_type: str,
-                    aggregate_id: UUID, head: int, envelopes: list[EventEnvelope],
-                    idempotency: dict[str, Any] | None = None,
-                    reads: Mapping[UUID, int] | None = None) -> Appended:
-    """`append` of these envelopes."""
-    return await append(conn, append_of(tenant_id, aggregate_type, aggregate_id, head,
-                                        envelopes, idempotency, reads))
+                  idempotency, reads)
 
 
 async def append(conn: AsyncConnection, a: Append) -> Appended:

@@ -130,16 +130,16 @@ async def test_the_append_refuses_a_read_that_moved_and_writes_nothing(
                       {office.a1: 1, uuid4(): 1},  # one that does not exist
                       {other_tenant_user: 1}):  # another tenant's: not there for this one
             with pytest.raises(store.ReadsMoved, match="was read at version"):
-                await store.append_at(conn, office.tenant, "workflow", workflow, 0,
-                                      envelopes, None, reads)
+                await store.append(conn, store.append_of(office.tenant, "workflow", workflow,
+                                                         0, envelopes, None, reads))
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="versions"):
             await conn.execute(
                 "SELECT * FROM event_store.append_at(%s, 'workflow', %s, 0, %s, %b, NULL, "
                 "%s::uuid[], %s::integer[])",
                 (office.tenant, workflow, *store.outbox_items(envelopes), [office.a1], [1, 2]))
         assert await store.current_version(conn, office.tenant, workflow) == 0
-        assert await store.append_at(conn, office.tenant, "workflow", workflow, 0, envelopes,
-                                     None, {office.a1: 1}) > 0
+        assert await store.append(conn, store.append_of(office.tenant, "workflow", workflow, 0,
+                                                        envelopes, None, {office.a1: 1})) > 0
 
 
 async def test_reads_that_keep_moving_refuse_the_command_after_a_few_fresh_tries(
