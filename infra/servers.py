@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import pwd
+import random
 import signal
 import socket
 import stat
@@ -55,8 +56,38 @@ def die_with_parent(sig: int = signal.SIGTERM, own_group: bool = True,
     return preexec
 
 
+_LISTEN_PORTS = (15000, 32000)  # below any usual ephemeral range (Linux: 32768-60999)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port to listen on, chosen below the kernel's ephemeral range.
+
+    Asking the kernel for port 0 hands out an ephemeral port, and between closing that
+    probe and the server's own bind any outgoing connection on the machine may take the
+    same port as its local end ("Address already in use" at start-up, seen in CI). Ports
+    below the range are never given to outgoing connections. A port handed out once is
+    not handed out again by this process, so a caller that takes five in a row gets five."""
+    low, high = _LISTEN_PORTS[0], min(_LISTEN_PORTS[1], _ephemeral_floor() - 1)
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # a machine whose low ports are all taken: the old way
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -5,7 +5,6 @@ torn down even when tests fail."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from infra import db
 from infra.embedded import start_broker
 from infra.provision import embedded_system, provision
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
 
 TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
@@ -29,12 +29,6 @@ TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
 LANE_SETTINGS = ("RINGIFLOW_EMBEDDED_KAFKA", "RINGIFLOW_EMBEDDED_OPENSEARCH",
                  "RINGIFLOW_EMBEDDED_OPENSEARCH_VERSION", "RINGIFLOW_JAVA_HOME",
                  "RINGIFLOW_CACHE_DIR", "RINGIFLOW_MAVEN_SETTINGS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

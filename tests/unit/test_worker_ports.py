@@ -5,10 +5,12 @@ port)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from infra import servers
 from infra.settings import Settings
 from streams import app
 
@@ -23,3 +25,16 @@ def test_no_worker_draws_the_supervisors_port_or_anothers(
     ports = [app.worker(group, settings, taken).port for group in ("a", "b", "c")]
     assert ports == [40001, 40002, 40003]
     assert 52071 not in ports
+
+
+def test_a_free_port_is_never_one_an_outgoing_connection_can_take() -> None:
+    """CI saw `ringiflow up` fail with "Address already in use": the port it had been
+    handed (a kernel-chosen ephemeral one) was taken by some outgoing connection before
+    the component bound it. Ports to listen on come from below the ephemeral range, and
+    one process is never handed the same port twice."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [servers.free_port() for _ in range(200)]
+    assert all(port < low for port in ports), [p for p in ports if p >= low]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as probe:  # and each is really free to bind
+        probe.bind(("127.0.0.1", ports[-1]))
