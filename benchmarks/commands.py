@@ -15,7 +15,8 @@ Prints, from one run on one embedded stack:
   * the database alone: 16 connections appending through `event_store.append_at`,
     waking the relay after each commit (ADR 0014; one NOTIFY per append, which
     the command API's bell coalesces further) next to a NOTIFY inside each append.
-Each figure is the median of --rounds rounds.
+Each figure is the median of --rounds rounds; within a round the wrk targets run
+one after another, so each ratio's two sides meet the same moments of the machine.
 """
 
 from __future__ import annotations
@@ -354,10 +355,14 @@ def main() -> None:
     def best_of(fn, *a) -> tuple[float, list[float]]:
         return medians([fn(*a) for _ in range(args.rounds)])
 
-    def wrk_median(url: str, script: str = "") -> WrkResult:
-        runs = sorted((wrk(url, script, args.seconds) for _ in range(args.rounds)),
-                      key=lambda r: r.rate)
-        return runs[len(runs) // 2]
+    def wrk_medians(*targets: tuple[str, str]) -> list[WrkResult]:
+        """The median round of each target; a round runs each target in turn, so the
+        no-op baseline meets the same moments of a shared machine as the commands."""
+        runs: list[list[WrkResult]] = [[] for _ in targets]
+        for _ in range(args.rounds):
+            for into, (url, script) in zip(runs, targets, strict=True):
+                into.append(wrk(url, script, args.seconds))
+        return [sorted(r, key=lambda one: one.rate)[len(r) // 2] for r in runs]
 
     print(f"cores: {os.cpu_count()}, fsync: {not args.no_fsync}, command API processes: "
           f"{args.processes}, {args.seconds:.0f} s x {args.rounds} rounds, medians")
@@ -366,12 +371,12 @@ def main() -> None:
                          args.processes) as base:
             asyncio.run(http_noop(base, 8, 1))  # warm-up
             create_script, comment_script = asyncio.run(wrk_workloads(base))
-            wrk_noop = wrk_median(base + "/healthz")
+            wrk_noop, creates, comments = wrk_medians(
+                (base + "/healthz", ""), (base + C + "/workflows", create_script),
+                (base, comment_script))
             print(wrk_noop.line("wrk: FastAPI no-op GET /healthz, c=32"))
-            print(wrk_median(base + C + "/workflows", create_script).line(
-                "wrk: CreateWorkflow, c=32", wrk_noop.rate, "no-op"))
-            print(wrk_median(base, comment_script).line(
-                "wrk: AddComment, c=32", wrk_noop.rate, "no-op"))
+            print(creates.line("wrk: CreateWorkflow, c=32", wrk_noop.rate, "no-op"))
+            print(comments.line("wrk: AddComment, c=32", wrk_noop.rate, "no-op"))
             noop, noop_lat = best_of(lambda: asyncio.run(http_noop(base, 32, args.seconds)))
             print(summary("aiohttp: FastAPI no-op, c=32", noop, noop_lat))
             for concurrency in (1, 32):
