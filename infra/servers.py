@@ -76,7 +76,7 @@ def free_port() -> int:
     below the range are never given to outgoing connections. A port handed out once is
     not handed out again by this process, so a caller that takes five in a row gets five."""
     low, high = _LISTEN_PORTS[0], min(_LISTEN_PORTS[1], _ephemeral_floor() - 1)
-    for _ in range(200):
+    for _ in range(200 if high - low >= 1000 else 0):
         port = random.randint(low, high)
         if port in _handed_out:
             continue
@@ -87,7 +87,9 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket() as s:  # a machine whose low ports are all taken: the old way
+    # A machine whose ephemeral range starts low, or whose low ports are all taken:
+    # the kernel's choice, as before.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -38,3 +38,11 @@ def test_a_free_port_is_never_one_an_outgoing_connection_can_take() -> None:
     assert len(set(ports)) == len(ports)
     with socket.socket() as probe:  # and each is really free to bind
         probe.bind(("127.0.0.1", ports[-1]))
+
+
+def test_a_machine_whose_ephemeral_range_starts_low_still_gets_free_ports(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servers, "_ephemeral_floor", lambda: 1024)
+    port = servers.free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
