@@ -78,7 +78,7 @@ class GroupCommit:
             # Marked as read: whoever raised here saw the error itself, and a batch that
             # outlives a cancelled command sets an outcome nobody reads.
             if mine.outcome.done():
-                mine.outcome.exception()
+                _seen(mine.outcome)
             else:
                 mine.outcome.add_done_callback(_seen)
         return mine.outcome.result()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import pwd
@@ -60,6 +61,7 @@ _LISTEN_PORTS = (15000, 32000)  # below any usual ephemeral range (Linux: 32768-
 _handed_out: set[int] = set()
 
 
+@functools.cache
 def _ephemeral_floor() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

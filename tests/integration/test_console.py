@@ -29,8 +29,9 @@ from websockets.sync.client import connect
 
 from contract import WORKFLOW_EVENTS
 from infra.kafka import producer
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
-from tests.conftest import TEST_JWT_SECRET, component, free_port
+from tests.conftest import TEST_JWT_SECRET, component
 from tests.helpers import Person, Tenant
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,9 @@ import contract
 from commands.store import outbox_items
 from infra import kafka
 from infra.embedded import start_broker
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
-from tests.conftest import TEST_JWT_SECRET, component, free_port, settings_env
+from tests.conftest import TEST_JWT_SECRET, component, settings_env
 from tests.events import (
     append,
     append_on,

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 import contract
 from infra.embedded_wheels import start_redis
 from infra.kafka import read_from_start
+from infra.servers import free_port
 from infra.settings import Settings, libpq_url
 from projectors.cache.layout import dashboard
 from projectors.cache.store import CacheStore
@@ -25,7 +26,6 @@ from projectors.workflows.store import WorkflowStore
 from streams.deadletters import DeadLetters, Record, redrive
 from streams.processor import Processor
 from streams.wrappers import RetryPolicy
-from tests.conftest import free_port
 from tests.scenarios import build_world
 
 

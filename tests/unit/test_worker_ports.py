@@ -36,7 +36,7 @@ def test_a_free_port_is_never_one_an_outgoing_connection_can_take() -> None:
     ports = [servers.free_port() for _ in range(200)]
     assert all(port < low for port in ports), [p for p in ports if p >= low]
     assert len(set(ports)) == len(ports)
-    with socket.socket() as probe:  # and each is really free to bind
+    with socket.socket() as probe:  # and one is really free to bind
         probe.bind(("127.0.0.1", ports[-1]))
 
 
