@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 
 import aiohttp
 
+from benchmarks import cpu
 from benchmarks.common import BENCH_SECRET, add_broker_flag, app_env, embedded_stack, percentile
 from infra.auth import mint_token
 from infra.kafka import admin_client, record_consumer
@@ -56,6 +57,8 @@ HOPS = (
       for g in CATALOGUE),
     *((f"event age at apply: {g}", "ringiflow_event_age_at_apply_seconds", {"group": g})
       for g in CATALOGUE),
+    ("bulk done -> searchable (refresh): search-indexer",
+     "ringiflow_search_refresh_delay_seconds", {}),
     *((f"query token wait: {model}", "ringiflow_consistency_wait_seconds",
        {"read_model": model, "outcome": "reached"})
       for model in ("workflow_list", "workflow_detail", "search")),
@@ -273,8 +276,9 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
             # settled on this load (ADR 0006: OpenSearch's full JIT still compiled a
             # minute into a run; Kafka keeps its full JIT).
             await client.run(rate, warm_s)
-            before = scrape(urls)
+            before, cpu_before, started = scrape(urls), cpu.processes(), time.monotonic()
             results, failures = await client.run(rate, seconds)
+            used = cpu.shares(cpu_before, cpu.processes(), time.monotonic() - started)
             after = scrape(urls)
             b50, b99 = percentile(base, .5), percentile(base, .99)
             print(f"\n{rate:.0f} commands/s for {seconds:.0f} s "
@@ -296,6 +300,8 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
                 print(f"    {label:<42} {ms(quantile(b, a, .5))} {ms(quantile(b, a, .99))}")
             for failure, count in sorted(failures.items()):
                 print(f"  ! {failure}: {count}")
+            if used:
+                print(f"  {cpu.report(used)}")
 
 
 def main() -> None:

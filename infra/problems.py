@@ -13,6 +13,7 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ringiflow.api")
@@ -114,6 +115,18 @@ def install(app: FastAPI, statuses: Statuses | None = None) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Still problem+json, so clients parse every error the same way; the
         # traceback goes to the log, not to the caller.
+        if isinstance(exc, PoolTimeout):
+            # More requests in flight than connections for the pool's whole wait (or none
+            # can be made): under overload that is every request, so one line each, no
+            # traceback; and not "unreachable", which sent operators after a healthy server.
+            log.warning("%s %s: no database connection came free in time (%s)",
+                        request.method, request.url.path, exc)
+            return problem_response(Problem(
+                503, "database_busy", "No database connection free",
+                "no connection to PostgreSQL came free in time: this server has more "
+                "requests in flight than database connections, or PostgreSQL cannot be "
+                "reached; retry after a moment, with fewer requests at once",
+                headers={"Retry-After": "1"}), request)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         if isinstance(exc, psycopg.OperationalError):
             problem = Problem(503, "database_unavailable", "Database unavailable",

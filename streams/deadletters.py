@@ -3,11 +3,16 @@ streams.parked_aggregates says which aggregates wait behind a dead letter.
 
 Once an event of an aggregate is dead-lettered, every later event of that
 aggregate is parked behind it (also sent to the DLQ, in order) while other
-aggregates keep flowing. Re-driving replays the parked sequence in order."""
+aggregates keep flowing. Re-driving replays the parked sequence in order.
+
+A worker keeps its group's parked set between batches while it listens for changes
+to the table (`DeadLetters.watch`, migration 0015); without that, every batch reads it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +35,13 @@ from projectors.projection import Store
 log = logging.getLogger("ringiflow.dlq")
 T = TypeVar("T")
 
-# Up to this many parked aggregates of a group are read whole per batch.
+# Up to this many parked aggregates of a group are read whole per batch (and kept).
 PARKED_READ_WHOLE = 200
+# Sent by a trigger on every change to streams.parked_aggregates (migration 0015).
+PARKED_NOTIFY_CHANNEL = "ringiflow_parked"
+# A kept parked set is read again after this long even if no change was heard: the
+# bound on staleness should a LISTEN connection die without an error.
+KEEP_PARKED_S = 5.0
 
 SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -142,14 +152,51 @@ class DeadLetters:
         self.topic = dlq_topic(group).name
         self.producer = producer(bootstrap)
         self.pool = pool
+        # The group's whole parked set, kept while `watch` listens (None: read it).
+        self.kept: dict[tuple[UUID, UUID], UUID] | None = None
+        self.kept_until = 0.0
+        self.changes = 0  # every change heard of, and every forget()
+        self.listening = False
+        self.reads = 0  # of the parked set from PostgreSQL
+
+    def forget(self) -> None:
+        """Drop the kept parked set: the next batch reads it again. After this process
+        parked events, after a change heard of, and when partitions move."""
+        self.kept = None
+        self.changes += 1
+
+    async def watch(self, url: str) -> None:
+        """LISTEN for changes to the parked set, so that batches may share one read of
+        it; until cancelled. While the connection is down every batch reads it."""
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {PARKED_NOTIFY_CHANNEL}")
+                    self.listening = True
+                    self.forget()  # whatever changed while nobody listened
+                    async for _note in conn.notifies():
+                        self.forget()
+            except psycopg.Error as exc:
+                log.warning("%s: LISTEN %s failed (%s); reading the parked set every batch "
+                            "until it is back", self.group, PARKED_NOTIFY_CHANNEL, exc)
+            finally:
+                self.listening = False
+                self.forget()
+            await asyncio.sleep(1)
 
     async def parked(self, streams: set[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], UUID]:
         """Which of these (tenant, aggregate) streams wait behind a dead letter
         (-> its event id)."""
         if not streams:
             return {}
+        kept = self.kept
+        if kept is not None and time.monotonic() < self.kept_until:
+            return {s: kept[s] for s in streams if s in kept} if kept else {}
+        changes = self.changes
 
         async def read() -> dict[tuple[UUID, UUID], UUID]:
+            self.reads += 1
             async with self.pool.connection() as conn:
                 # Usually few or none are parked: read them all, rather than send the
                 # batch's streams (adapting ~1,000 UUIDs costs more than the query).
@@ -159,7 +206,12 @@ class DeadLetters:
                     (self.group, PARKED_READ_WHOLE + 1))
                 rows = await cur.fetchall()
                 if len(rows) <= PARKED_READ_WHOLE:
-                    return {(t, a): event for t, a, event in rows if (t, a) in streams}
+                    whole = {(t, a): event for t, a, event in rows}
+                    # Kept only if the LISTEN stood from before this read to after it
+                    # with nothing heard meanwhile: a later change will be heard.
+                    if self.listening and changes == self.changes:
+                        self.kept, self.kept_until = whole, time.monotonic() + KEEP_PARKED_S
+                    return {s: event for s, event in whole.items() if s in streams}
                 cur = await conn.execute(
                     "SELECT p.tenant_id, p.aggregate_id, p.first_event_id "
                     "FROM streams.parked_aggregates p "
@@ -206,6 +258,7 @@ class DeadLetters:
                         await self._park(conn, failure)
 
         await until_reachable(f"{self.group} parking", park)
+        self.forget()  # the next batch must see these parked, not wait for the NOTIFY
         for failure in failures:
             log.error("%s %s event %s (%s v%s, from %s[%d]@%d) to %s: %s: %s", self.group,
                       failure.reason, failure.event_id, failure.aggregate_type,

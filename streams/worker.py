@@ -11,6 +11,7 @@ counters, and a flag for a partition that has lag but stopped advancing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -156,8 +157,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
         broker_heartbeat_interval=min(1.0, settings.worker_session_timeout_s / 3),
         broker_rebalance_timeout=settings.worker_session_timeout_s,
     )
-    pool = AsyncConnectionPool(libpq_url(settings.role_database_url("projector")),
-                               min_size=1, max_size=4, open=False)
+    url = libpq_url(settings.role_database_url("projector"))
+    pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
     dead_letters = DeadLetters(group, bootstrap, pool)
     processor: Runner
     if group in CATALOGUE:
@@ -176,6 +177,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
     async def open_stores() -> None:
         await pool.open(wait=True, timeout=30)
         await processor.start()
+        # Batches share one read of the parked set while this listens for changes.
+        state["watch"] = asyncio.get_running_loop().create_task(dead_letters.watch(url))
         state["started"] = True
 
     @app.agent(topic, name=group, concurrency=1)
@@ -188,6 +191,11 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
             await open_stores()
         async for batch in incoming:
             records = batch.records  # aiokafka's records, as the processor reads them
+            assignment = app.consumer.assignment()
+            if assignment != state.get("assignment"):
+                # A partition taken over may have aggregates its last owner parked.
+                dead_letters.forget()
+                state["assignment"] = assignment
             batch_records.observe(len(records))
             received = batch.received
             observe_many(consume_delay, [max(0.0, received - r.timestamp / 1000)
@@ -243,6 +251,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
     @app.on_before_shutdown.connect
     def _stopping(app: faust.App, **kwargs: Any) -> None:
         processor.stop.set()  # an unfinished batch stays unacknowledged: redelivered later
+        if (watching := state.get("watch")) is not None:
+            watching.cancel()
 
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,11 @@ from opensearchpy.exceptions import (
     RequestError,
     TransportError,
 )
+from prometheus_client import Histogram
 
 from contract import Applied, WorkflowSnapshot, workflow_of
 from infra.retry import Backoff
+from infra.telemetry import HOP_BUCKETS, observe_many
 from projectors.projection import (
     Announcer,
     Delivery,
@@ -39,6 +42,12 @@ log = logging.getLogger("ringiflow.search")
 
 ALIAS = "ringiflow-workflows"
 INDEX_VERSION = 1
+
+# The hop between the search indexer's bulk and a search that finds it: the wait for
+# the refresh in flight, then its own (issue 14's breakdown).
+REFRESH_DELAY = Histogram("ringiflow_search_refresh_delay_seconds",
+                          "A document's bulk done to its refresh done (searchable), per "
+                          "document", buckets=HOP_BUCKETS)
 
 
 def index_body(japanese_tokenizer: str) -> dict[str, Any]:
@@ -92,12 +101,14 @@ class Refresher:
     def __init__(self, client: AsyncOpenSearch, alias: str, announce: Announcer) -> None:
         self.client, self.alias, self.announce = client, alias, announce
         self.pending: list[Applied] = []
+        self.indexed_at: list[float] = []  # when each pending bulk finished, per document
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.closing = False
 
     def indexed(self, applied: list[Applied]) -> None:
         self.pending.extend(applied)
+        self.indexed_at.extend([time.monotonic()] * len(applied))
         self.wake.set()
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -108,15 +119,19 @@ class Refresher:
             await self.wake.wait()
             self.wake.clear()
             covered, self.pending = self.pending, []
+            since, self.indexed_at = self.indexed_at, []
             try:
                 await self.client.indices.refresh(index=self.alias)
             except OpenSearchException as exc:  # indexed anyway: visible by the next refresh
                 log.warning("refresh of %s failed (%s); trying again", self.alias, exc)
                 self.pending[:0] = covered
+                self.indexed_at[:0] = since
                 self.wake.set()
                 await asyncio.sleep(retries.next())
                 continue
             retries.reset()
+            now = time.monotonic()
+            observe_many(REFRESH_DELAY, [now - t for t in since])
             await self.announce(covered)
             if self.closing and not self.pending:
                 return

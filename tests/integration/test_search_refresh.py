@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from uuid import uuid4
 
 from opensearchpy import AsyncOpenSearch
+from prometheus_client import REGISTRY
 
 from contract import Applied
 from infra.settings import Settings
@@ -53,6 +54,9 @@ async def test_bulks_are_announced_once_searchable_and_share_refreshes(
         return await refresh(**kwargs)
 
     store.client.indices.refresh = counting  # type: ignore[method-assign]
+    delay = "ringiflow_search_refresh_delay_seconds"
+    count_before = REGISTRY.get_sample_value(f"{delay}_count") or 0.0
+    sum_before = REGISTRY.get_sample_value(f"{delay}_sum") or 0.0
     world = build_world(workflows=20)
     workflows = [e for e in world.events if e.aggregate_type.value == "workflow"]
     try:
@@ -65,6 +69,11 @@ async def test_bulks_are_announced_once_searchable_and_share_refreshes(
         newest = {(e.tenant_id, e.aggregate_id): e.version for e in workflows}
         assert {(t, a): v for t, a, v in sorted(announced, key=lambda x: x[2])} == newest
         assert refreshes <= 3 < len(batches), "bulks made during a refresh share the next one"
+        # Each announced document's wait for its refresh is on the indexer's /metrics,
+        # the slow first refresh's 0.5 s included.
+        count = (REGISTRY.get_sample_value(f"{delay}_count") or 0.0) - count_before
+        assert count == sum(len(call) for call in announcer.calls)
+        assert (REGISTRY.get_sample_value(f"{delay}_sum") or 0.0) - sum_before >= 0.5
     finally:
         await store.close()
         await reader.indices.delete(index=f"{alias}-v1")

@@ -172,7 +172,7 @@ def test_read_model_views_keep_row_level_security(settings: Settings) -> None:
 def test_migrations_are_idempotent(settings: Settings) -> None:
     url = settings.database_url or ""
     db.migrate(url)
-    assert db.current_revision(url) == db.head_revision() == "0014"
+    assert db.current_revision(url) == db.head_revision() == "0015"
 
 
 async def test_redis_round_trip(settings: Settings) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import psycopg
+import pytest
 from fastapi import FastAPI
+from psycopg_pool import PoolTimeout
 
 from infra.problems import PROBLEM_JSON, install
 
@@ -35,3 +39,14 @@ async def test_an_unreachable_database_is_a_503_with_retry_after() -> None:
     r = await get_failing_with(psycopg.OperationalError("connection refused"))
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
     assert r.json()["code"] == "database_unavailable"
+
+
+async def test_a_pool_with_no_connection_free_is_a_busy_503_not_an_unreachable_database(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "ringiflow.api")
+    r = await get_failing_with(PoolTimeout("couldn't get a connection after 10.00 sec"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    body = r.json()
+    assert body["code"] == "database_busy" and "fewer requests at once" in body["detail"]
+    logged = [rec for rec in caplog.records if rec.name == "ringiflow.api"]
+    assert len(logged) == 1 and logged[0].exc_info is None, "one line, no traceback"
