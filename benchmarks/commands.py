@@ -32,6 +32,7 @@ from uuid import UUID, uuid4
 import aiohttp
 import orjson
 
+from benchmarks import cpu
 from benchmarks.common import (
     BENCH_SECRET,
     WrkResult,
@@ -355,14 +356,14 @@ def main() -> None:
     def best_of(fn, *a) -> tuple[float, list[float]]:
         return medians([fn(*a) for _ in range(args.rounds)])
 
-    def wrk_medians(*targets: tuple[str, str]) -> list[WrkResult]:
+    def wrk_medians(*targets: tuple[str, str]) -> list[tuple[WrkResult, list[tuple[str, float]]]]:
         """The median round of each target; a round runs each target in turn, so the
         no-op baseline meets the same moments of a shared machine as the commands."""
-        runs: list[list[WrkResult]] = [[] for _ in targets]
+        runs: list[list[tuple[WrkResult, list[tuple[str, float]]]]] = [[] for _ in targets]
         for _ in range(args.rounds):
             for into, (url, script) in zip(runs, targets, strict=True):
-                into.append(wrk(url, script, args.seconds))
-        return [sorted(r, key=lambda one: one.rate)[len(r) // 2] for r in runs]
+                into.append(cpu.during(lambda u=url, s=script: wrk(u, s, args.seconds), "wrk"))
+        return [sorted(r, key=lambda one: one[0].rate)[len(r) // 2] for r in runs]
 
     print(f"cores: {os.cpu_count()}, fsync: {not args.no_fsync}, command API processes: "
           f"{args.processes}, {args.seconds:.0f} s x {args.rounds} rounds, medians")
@@ -374,9 +375,13 @@ def main() -> None:
             wrk_noop, creates, comments = wrk_medians(
                 (base + "/healthz", ""), (base + C + "/workflows", create_script),
                 (base, comment_script))
-            print(wrk_noop.line("wrk: FastAPI no-op GET /healthz, c=32"))
-            print(creates.line("wrk: CreateWorkflow, c=32", wrk_noop.rate, "no-op"))
-            print(comments.line("wrk: AddComment, c=32", wrk_noop.rate, "no-op"))
+            # Each with where the machine's CPU went in that round: wrk shares the cores.
+            print(wrk_noop[0].line("wrk: FastAPI no-op GET /healthz, c=32"))
+            print(f"  {cpu.report(wrk_noop[1])}")
+            print(creates[0].line("wrk: CreateWorkflow, c=32", wrk_noop[0].rate, "no-op"))
+            print(f"  {cpu.report(creates[1])}")
+            print(comments[0].line("wrk: AddComment, c=32", wrk_noop[0].rate, "no-op"))
+            print(f"  {cpu.report(comments[1])}")
             noop, noop_lat = best_of(lambda: asyncio.run(http_noop(base, 32, args.seconds)))
             print(summary("aiohttp: FastAPI no-op, c=32", noop, noop_lat))
             for concurrency in (1, 32):

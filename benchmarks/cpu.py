@@ -9,8 +9,14 @@ saturated and by whom."""
 from __future__ import annotations
 
 import os
+import resource
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PROC = Path("/proc")
 # What a process is, from its command line: the first of these found in it.
@@ -92,3 +98,20 @@ def report(used: list[tuple[str, float]], cores: int | None = None) -> str:
     parts = [f"{name} {share * 100:.0f}" for name, share in used if share >= 0.01]
     return (f"CPU over this run: {total * 100:.0f} % of {cores * 100} % "
             f"(% of one core: {', '.join(parts)})")
+
+
+def during(work: Callable[[], T],
+           ended_as: str = "ended children") -> tuple[T, list[tuple[str, float]]]:
+    """`work()` and the CPU shares over it. A child that ran and was waited for inside
+    it (a client such as wrk) is gone from /proc by the end: it counts as `ended_as`,
+    from the kernel's account of waited-for children."""
+    before, children = processes(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    result = work()
+    seconds = time.monotonic() - started
+    used = shares(before, processes(), seconds)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ended = (after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime) / seconds
+    if ended >= 0.005:
+        used = sorted([*used, (ended_as, ended)], key=lambda item: -item[1])
+    return result, used

@@ -65,3 +65,12 @@ def test_a_busy_child_is_counted_to_it() -> None:
         child.kill()
         child.wait()
     assert used["other"] * seconds >= 0.35
+
+
+def test_a_client_that_ran_and_ended_inside_is_counted_by_its_name() -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    done, used = cpu.during(lambda: subprocess.run([sys.executable, "-c", burn], check=True),
+                            ended_as="wrk")
+    assert done.returncode == 0
+    shares = dict(used)
+    assert shares["wrk"] > 0.3 and used[0][0] == "wrk", "the busiest first"
