@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     worker_fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=10_000)
     worker_retry_attempts: int = Field(default=5, ge=1)
     parked_aggregates_cap: int = Field(default=1000, ge=1)
+    # How long a worker trusts its kept parked set with no change heard (ADR 0019):
+    # the bound on staleness should a NOTIFY be lost without the LISTEN failing.
+    worker_parked_keep_s: float = Field(default=5.0, gt=0, le=3600)
     stall_after_s: float = Field(default=60.0, gt=0)  # lag > 0 and no progress this long
     # How long a worker that died without leaving its group keeps its partitions.
     worker_session_timeout_s: float = Field(default=10.0, ge=6, le=300)

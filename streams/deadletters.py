@@ -41,6 +41,7 @@ PARKED_READ_WHOLE = 200
 PARKED_NOTIFY_CHANNEL = "ringiflow_parked"
 # A kept parked set is read again after this long even if no change was heard: the
 # bound on staleness should a LISTEN connection die without an error.
+# Default of the setting worker_parked_keep_s.
 KEEP_PARKED_S = 5.0
 
 SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -147,8 +148,10 @@ def dlq_headers(group: str, failure: Failure) -> list[tuple[str, bytes]]:
 
 
 class DeadLetters:
-    def __init__(self, group: str, bootstrap: str, pool: AsyncConnectionPool) -> None:
+    def __init__(self, group: str, bootstrap: str, pool: AsyncConnectionPool,
+                 keep_s: float = KEEP_PARKED_S) -> None:
         self.group = group
+        self.keep_s = keep_s
         self.topic = dlq_topic(group).name
         self.producer = producer(bootstrap)
         self.pool = pool
@@ -210,7 +213,7 @@ class DeadLetters:
                     # Kept only if the LISTEN stood from before this read to after it
                     # with nothing heard meanwhile: a later change will be heard.
                     if self.listening and changes == self.changes:
-                        self.kept, self.kept_until = whole, time.monotonic() + KEEP_PARKED_S
+                        self.kept, self.kept_until = whole, time.monotonic() + self.keep_s
                     return {s: event for s, event in whole.items() if s in streams}
                 cur = await conn.execute(
                     "SELECT p.tenant_id, p.aggregate_id, p.first_event_id "

@@ -159,7 +159,7 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
     )
     url = libpq_url(settings.role_database_url("projector"))
     pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
-    dead_letters = DeadLetters(group, bootstrap, pool)
+    dead_letters = DeadLetters(group, bootstrap, pool, settings.worker_parked_keep_s)
     processor: Runner
     if group in CATALOGUE:
         processor = Processor(CATALOGUE[group](settings), dead_letters,
@@ -174,12 +174,27 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
     delays = RecentDelays()
     state: dict[str, Any] = {"started": False, "stalled": []}
 
-    async def open_stores() -> None:
-        await pool.open(wait=True, timeout=30)
-        await processor.start()
+    def restart(why: str, exc: BaseException) -> None:
+        """Stop, so the supervisor starts this worker afresh: an agent that raised
+        would be restarted by Faust with what failed (a closed pool, a half-read
+        batch) still in place."""
+        if not processor.stop.is_set():
+            log.critical("%s: %s (%s: %s); stopping the worker so it restarts", group, why,
+                         type(exc).__name__, exc, exc_info=exc)
+            app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    async def open_stores() -> bool:
+        try:
+            await pool.open(wait=True, timeout=30)
+            await processor.start()
+        except Exception as exc:
+            restart("its stores could not be opened; check that PostgreSQL (and the "
+                    "projection's store) can be reached with the settings given", exc)
+            return False
         # Batches share one read of the parked set while this listens for changes.
         state["watch"] = asyncio.get_running_loop().create_task(dead_letters.watch(url))
         state["started"] = True
+        return True
 
     @app.agent(topic, name=group, concurrency=1)
     async def project(stream: faust.StreamT) -> None:
@@ -187,8 +202,8 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
         # acknowledged on an exception, at shutdown or by Faust's passive drainer.
         # Asked for before the stores open, which can take seconds (OpenSearch).
         incoming = batches(stream)
-        if not state["started"]:
-            await open_stores()
+        if not state["started"] and not await open_stores():
+            return
         async for batch in incoming:
             records = batch.records  # aiokafka's records, as the processor reads them
             assignment = app.consumer.assignment()
@@ -205,13 +220,9 @@ def build_app(group: str, settings: Settings, port: int, datadir: Path,
                     await processor.process(records)
             except Exception as exc:
                 # Never let the agent raise: Faust would restart it and acknowledge past
-                # the unfinished batch (faust#606). Stop instead; the batch stays
-                # unacknowledged and is redelivered to the restarted worker.
-                if not processor.stop.is_set():
-                    log.critical("%s: batch failed unexpectedly (%s: %s); stopping the worker "
-                                 "so it restarts and the batch is redelivered", group,
-                                 type(exc).__name__, exc, exc_info=exc)
-                    app.loop.call_soon(lambda: os.kill(os.getpid(), signal.SIGTERM))
+                # the unfinished batch (faust#606). The batch stays unacknowledged and
+                # is redelivered to the restarted worker.
+                restart("batch failed unexpectedly; it will be redelivered", exc)
                 return
             done = time.time()
             apply_delay.observe(done - received)

@@ -119,17 +119,16 @@ async def test_what_this_process_parks_is_seen_by_its_very_next_batch(
 
 
 async def test_without_a_standing_listen_every_batch_reads(
-        fresh_db: Settings, pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch) -> None:
+        fresh_db: Settings, pool: AsyncConnectionPool) -> None:
     url, group = libpq_url(fresh_db.role_database_url("projector")), group_name()
     admin = libpq_url(fresh_db.database_url or "")
-    monkeypatch.setattr(deadletters, "KEEP_PARKED_S", 0.3)
     stream = (uuid4(), uuid4())
     idle = DeadLetters(group, fresh_db.kafka_bootstrap or "", pool)  # no watch: a CLI, a test
     for _ in range(3):
         await idle.parked({stream})
     assert idle.reads == 3
 
-    dead = DeadLetters(group, fresh_db.kafka_bootstrap or "", pool)
+    dead = DeadLetters(group, fresh_db.kafka_bootstrap or "", pool, keep_s=0.3)
     watching = asyncio.create_task(dead.watch(url))
     try:
         await eventually(lambda: asyncio.sleep(0, dead.listening))
@@ -153,7 +152,7 @@ async def test_without_a_standing_listen_every_batch_reads(
         kept = dead.reads
         await dead.parked({stream})
         assert dead.reads == kept
-        # A kept set is read again after KEEP_PARKED_S even if nothing was heard.
+        # A kept set is read again after keep_s even if nothing was heard.
         await asyncio.sleep(0.35)
         await dead.parked({stream})
         assert dead.reads == kept + 1
