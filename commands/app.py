@@ -223,7 +223,9 @@ def create_app(settings: Settings) -> FastAPI:
         url = libpq_url(settings.role_database_url("command"))
         bell = OutboxBell(url)
         pool = AsyncConnectionPool(
-            url, min_size=2, max_size=settings.command_db_pool_size, open=False, timeout=10,
+            url, min_size=min(2, settings.command_db_pool_size),
+            max_size=settings.command_db_pool_size, open=False, timeout=10,
+            max_waiting=settings.command_db_max_waiting,
             kwargs={"autocommit": True, "prepare_threshold": 1}, configure=bell.configure,
         )
         await pool.open(wait=False)

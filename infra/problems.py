@@ -6,6 +6,7 @@ nothing of HTTP; each API maps them to a status in one table, given to `install`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -13,12 +14,34 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg_pool import PoolTimeout
+from prometheus_client import Counter
+from psycopg_pool import PoolTimeout, TooManyRequests
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ringiflow.api")
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://ringiflow.dev/problems/"
+SHED = Counter("ringiflow_requests_shed_total",
+               "Requests answered 503 overloaded at once: too many already waited for a "
+               "database connection")
+
+
+class ShedLog:
+    """One log line per interval for requests shed under overload, not one each: at
+    hundreds per second the log itself would cost the CPU that is short."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s, self.count, self.logged_at = interval_s, 0, float("-inf")
+
+    def shed(self, request: Request) -> None:
+        SHED.inc()
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.interval_s:
+            log.warning("%d request(s) shed since the last line (503 overloaded; latest: "
+                        "%s %s): more were waiting for a database connection than allowed",
+                        self.count, request.method, request.url.path)
+            self.count, self.logged_at = 0, now
 
 
 class AppError(Exception):
@@ -81,6 +104,8 @@ def _field(loc: tuple[Any, ...]) -> str:
 def install(app: FastAPI, statuses: Statuses | None = None) -> None:
     """problem+json for every error: `Problem`s as raised, the exceptions `statuses`
     maps (domain and application errors), validation errors, and anything unexpected."""
+    shed_log = ShedLog()
+
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request)
@@ -111,29 +136,49 @@ def install(app: FastAPI, statuses: Statuses | None = None) -> None:
                           headers=dict(exc.headers or {}))
         return problem_response(problem, request)
 
+    # Registered by class, not inside the catch-all below: Starlette re-raises whatever
+    # reaches the catch-all after answering, and uvicorn logs its traceback again.
+    @app.exception_handler(TooManyRequests)
+    async def on_shed(request: Request, exc: Exception) -> JSONResponse:
+        # Refused at once rather than queued behind a pool that cannot keep up: the
+        # requests already admitted keep their latency (load shedding).
+        shed_log.shed(request)
+        return problem_response(Problem(
+            503, "overloaded", "Server overloaded",
+            "too many requests are already waiting for a database connection on this "
+            "server, so this one was refused at once and nothing was written; retry "
+            "after a moment, with fewer requests at once", headers={"Retry-After": "1"}),
+            request)
+
+    @app.exception_handler(PoolTimeout)
+    async def on_busy(request: Request, exc: Exception) -> JSONResponse:
+        # More requests in flight than connections for the pool's whole wait (or none
+        # can be made): under overload that is every request, so one line each, no
+        # traceback; and not "unreachable", which sent operators after a healthy server.
+        log.warning("%s %s: no database connection came free in time (%s)",
+                    request.method, request.url.path, exc)
+        return problem_response(Problem(
+            503, "database_busy", "No database connection free",
+            "no connection to PostgreSQL came free in time: this server has more "
+            "requests in flight than database connections, or PostgreSQL cannot be "
+            "reached; retry after a moment, with fewer requests at once",
+            headers={"Retry-After": "1"}), request)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def on_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("PostgreSQL could not be reached on %s %s", request.method,
+                      request.url.path, exc_info=exc)
+        return problem_response(Problem(
+            503, "database_unavailable", "Database unavailable",
+            "PostgreSQL could not be reached; retry shortly", headers={"Retry-After": "2"}),
+            request)
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Still problem+json, so clients parse every error the same way; the
         # traceback goes to the log, not to the caller.
-        if isinstance(exc, PoolTimeout):
-            # More requests in flight than connections for the pool's whole wait (or none
-            # can be made): under overload that is every request, so one line each, no
-            # traceback; and not "unreachable", which sent operators after a healthy server.
-            log.warning("%s %s: no database connection came free in time (%s)",
-                        request.method, request.url.path, exc)
-            return problem_response(Problem(
-                503, "database_busy", "No database connection free",
-                "no connection to PostgreSQL came free in time: this server has more "
-                "requests in flight than database connections, or PostgreSQL cannot be "
-                "reached; retry after a moment, with fewer requests at once",
-                headers={"Retry-After": "1"}), request)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        if isinstance(exc, psycopg.OperationalError):
-            problem = Problem(503, "database_unavailable", "Database unavailable",
-                              "PostgreSQL could not be reached; retry shortly",
-                              headers={"Retry-After": "2"})
-        else:
-            problem = Problem(500, "internal_error", "Internal error",
-                              f"the server failed on this request ({type(exc).__name__}); "
-                              "it is in the server log")
-        return problem_response(problem, request)
+        return problem_response(Problem(
+            500, "internal_error", "Internal error",
+            f"the server failed on this request ({type(exc).__name__}); it is in the "
+            "server log"), request)

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     console_port: int = Field(default=8004, ge=0, le=65535)
 
     command_db_pool_size: int = Field(default=20, ge=1, le=200)
+    # Commands each command API process lets wait for a connection; one more is
+    # answered 503 overloaded at once, nothing written (0: no bound, all wait up to 10 s).
+    command_db_max_waiting: int = Field(default=64, ge=0, le=100_000)
     # Aggregates each command API process keeps after writing them (ADR 0013); 0: none.
     command_state_cache: int = Field(default=10_000, ge=0, le=1_000_000)
     # Most concurrent commands' appends one transaction holds (ADR 0018); 1: each its own.

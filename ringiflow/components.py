@@ -46,6 +46,9 @@ COMPONENTS: dict[str, Component] = {
 }
 
 
+KEEP_ALIVE_S = 75
+
+
 def run_component(name: str, settings: Settings) -> None:
     import uvicorn
 
@@ -61,6 +64,11 @@ def run_component(name: str, settings: Settings) -> None:
     # uvicorn's own handlers redact too: it logs each WebSocket's path, `?token=` and all.
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=10,
+                            # Idle keep-alive longer than the clients' and proxies' own
+                            # (aiohttp 15 s, load balancers 60 s): a server that closes
+                            # first races a client reusing the connection, which then
+                            # sees a reset (uvicorn's default is 5 s).
+                            timeout_keep_alive=KEEP_ALIVE_S,
                             log_config=logsafe.uvicorn_log_config())
     logsafe.filter_handlers()
     # SO_REUSEPORT lets several processes of one API share its port; the kernel

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import httpx
@@ -389,3 +392,65 @@ async def test_a_failed_command_does_not_burn_its_idempotency_key(tenant: Tenant
     path = f"/workflows/{workflow_id}/steps/{step1}/approve"
     assert (await tenant.post(tenant.approver2, path, {}, **key)).status_code == 403
     assert (await tenant.post(tenant.approver1, path, {}, **key)).status_code == 200
+
+
+async def test_a_flood_beyond_the_pool_queue_is_refused_at_once_and_writes_nothing(
+        settings: Settings) -> None:
+    """One connection and two waiting: the rest of sixty concurrent commands are
+    refused with 503 overloaded instead of queueing for the pool's 10 s; each refused
+    one wrote nothing, and sent again with its Idempotency-Key it is written once."""
+    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT",
+                   RINGIFLOW_COMMAND_API_PROCESSES="1", RINGIFLOW_COMMAND_DB_POOL_SIZE="1",
+                   RINGIFLOW_COMMAND_DB_MAX_WAITING="2") as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30,
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            tenant = await Tenant(client, TEST_JWT_SECRET, settings.database_url or "").setup()
+            before = await tenant.counts()
+            keys = [f"flood-{uuid4().hex}" for _ in range(60)]
+
+            async def create(key: str) -> httpx.Response:
+                return await tenant.post(tenant.initiator, "/workflows", {
+                    "definition_id": str(tenant.definition_id), "title": "殺到"},
+                    **{"Idempotency-Key": key})
+
+            results = await asyncio.gather(*(create(k) for k in keys))
+            statuses = [r.status_code for r in results]
+            assert set(statuses) == {201, 503}, statuses
+            refused = [k for k, r in zip(keys, results, strict=True) if r.status_code == 503]
+            for r in results:
+                if r.status_code == 503:
+                    assert r.json()["code"] == "overloaded", r.text
+                    assert r.headers["retry-after"] == "1"
+                    assert "nothing was written" in r.json()["detail"]
+            written = len(keys) - len(refused)
+            after = await tenant.counts()
+            assert [a - b for a, b in zip(after, before, strict=True)] == [written] * 3
+            metrics = (await client.get("/metrics")).text
+            assert f"ringiflow_requests_shed_total {float(len(refused))}" in metrics
+
+            log = Path(settings.data_dir, f"command-api-{base.rsplit(':', 1)[1]}.log")
+            text = await asyncio.to_thread(log.read_text)
+            assert "Traceback" not in text, "an expected refusal is no crash"
+            for key in refused:  # retried one at a time, as Retry-After asks
+                assert (await create(key)).status_code == 201
+            final = await tenant.counts()
+            assert [a - b for a, b in zip(final, before, strict=True)] == [len(keys)] * 3
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_s_own_idle_timeout(
+        command_api: str) -> None:
+    """uvicorn closed idle connections after 5 s; clients that keep theirs longer
+    (aiohttp 15 s) reused closed ones under load and saw resets. Now the server keeps
+    them 75 s: a request after 6 s idle is answered on the same connection."""
+    host, port = command_api.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        for _ in range(2):
+            conn.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                chunk = conn.recv(65536)
+                assert chunk, f"the server closed the connection: {answer!r}"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            time.sleep(6)

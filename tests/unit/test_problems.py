@@ -8,7 +8,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
-from psycopg_pool import PoolTimeout
+from psycopg_pool import PoolTimeout, TooManyRequests
 
 from infra.problems import PROBLEM_JSON, install
 
@@ -50,3 +50,25 @@ async def test_a_pool_with_no_connection_free_is_a_busy_503_not_an_unreachable_d
     assert body["code"] == "database_busy" and "fewer requests at once" in body["detail"]
     logged = [rec for rec in caplog.records if rec.name == "ringiflow.api"]
     assert len(logged) == 1 and logged[0].exc_info is None, "one line, no traceback"
+
+
+async def test_a_request_shed_under_overload_is_a_503_and_a_flood_of_them_logs_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "ringiflow.api")
+    app = FastAPI()
+    install(app)
+
+    @app.post("/commands")
+    async def command() -> None:
+        raise TooManyRequests("the pool has already 64 requests waiting")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        responses = [await client.post("/commands") for _ in range(50)]
+    assert {r.status_code for r in responses} == {503}
+    body = responses[0].json()
+    assert body["code"] == "overloaded" and "nothing was written" in body["detail"]
+    assert responses[0].headers["retry-after"] == "1"
+    logged = [rec for rec in caplog.records if rec.name == "ringiflow.api"]
+    assert len(logged) == 1 and logged[0].exc_info is None, "one line for the flood"
+    assert "POST /commands" in logged[0].getMessage()
