@@ -22,6 +22,7 @@ from uuid import UUID
 
 import psycopg
 from confluent_kafka import KafkaException
+from prometheus_client import Counter
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -43,6 +44,10 @@ PARKED_NOTIFY_CHANNEL = "ringiflow_parked"
 # bound on staleness should a LISTEN connection die without an error.
 # Default of the setting worker_parked_keep_s.
 KEEP_PARKED_S = 5.0
+
+PARKED_READS = Counter("ringiflow_parked_set_reads_total",
+                       "Reads of the group's parked aggregates from PostgreSQL (ADR 0019: "
+                       "batches share one while the worker listens for changes)", ["group"])
 
 SESSION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -161,6 +166,7 @@ class DeadLetters:
         self.changes = 0  # every change heard of, and every forget()
         self.listening = False
         self.reads = 0  # of the parked set from PostgreSQL
+        self.read_counter = PARKED_READS.labels(group)
 
     def forget(self) -> None:
         """Drop the kept parked set: the next batch reads it again. After this process
@@ -200,6 +206,7 @@ class DeadLetters:
 
         async def read() -> dict[tuple[UUID, UUID], UUID]:
             self.reads += 1
+            self.read_counter.inc()
             async with self.pool.connection() as conn:
                 # Usually few or none are parked: read them all, rather than send the
                 # batch's streams (adapting ~1,000 UUIDs costs more than the query).

@@ -89,6 +89,14 @@ def send(bootstrap: str, envelopes: list[contract.EventEnvelope]) -> None:
     assert p.flush(30) == 0, "the broker did not take every event"
 
 
+def parked_reads(base: str) -> float:
+    """How often this worker has read the parked set from PostgreSQL (its /metrics)."""
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'ringiflow_parked_set_reads_total{{group="{GROUP}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("ringiflow_parked_set_reads_total is not on the worker's /metrics")
+
+
 async def eventually(check, within_s: float = 60.0, what: str = "") -> object:
     deadline = time.monotonic() + within_s
     while not (result := await check()):
@@ -115,7 +123,7 @@ async def _scenario(settings: Settings, tmp_path: Path) -> None:
     firsts = [events[0] for events in streams.values()]
     others = [e for e in world.events if e.aggregate_type.value != "workflow"]
 
-    with projector(settings, "a", tmp_path):
+    with projector(settings, "a", tmp_path) as first:
         send(bootstrap, others + firsts)
 
         async def all_created() -> bool:
@@ -145,6 +153,7 @@ async def _scenario(settings: Settings, tmp_path: Path) -> None:
                     (GROUP, workflow_id, world.tenant_id, uuid4()))
 
         # The premise: with no NOTIFY and no move, the worker trusts what it kept.
+        kept_reads = parked_reads(first)
         send(bootstrap, later[control])
 
         async def control_applied() -> bool:
@@ -153,6 +162,8 @@ async def _scenario(settings: Settings, tmp_path: Path) -> None:
 
         await eventually(control_applied, what="the stand-in for a NOTIFY on its way did "
                                                "not hold: the worker read the parked set")
+
+        assert parked_reads(first) == kept_reads, "it read the parked set: no premise"
 
         with projector(settings, "b", tmp_path):  # a second worker: partitions move
             send(bootstrap, [e for w in moved for e in later[w]])
@@ -171,6 +182,7 @@ async def _scenario(settings: Settings, tmp_path: Path) -> None:
             await eventually(all_dead_lettered, within_s=90,
                              what="every later event of a parked aggregate dead-lettered "
                                   "behind its parking")
+            assert parked_reads(first) > kept_reads, "the first worker never read it again"
 
 
 def test_a_worker_whose_stores_cannot_be_opened_exits_so_it_is_restarted_afresh(
