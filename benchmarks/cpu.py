@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -100,18 +101,33 @@ def report(used: list[tuple[str, float]], cores: int | None = None) -> str:
             f"(% of one core: {', '.join(parts)})")
 
 
-def during(work: Callable[[], T],
-           ended_as: str = "ended children") -> tuple[T, list[tuple[str, float]]]:
-    """`work()` and the CPU shares over it. A child that ran and was waited for inside
-    it (a client such as wrk) is gone from /proc by the end: it counts as `ended_as`,
-    from the kernel's account of waited-for children."""
+@dataclass
+class Usage:
+    """The CPU shares over a `measuring` block, filled in when it ends."""
+
+    used: list[tuple[str, float]] = field(default_factory=list)
+
+
+@contextmanager
+def measuring(ended_as: str = "ended children") -> Iterator[Usage]:
+    """The CPU shares over the block, sync or async. A child that ran and was waited
+    for inside it (a client such as wrk) is gone from /proc by the end: it counts as
+    `ended_as`, from the kernel's account of waited-for children."""
     before, children = processes(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    result = work()
+    started, usage = time.monotonic(), Usage()
+    yield usage
     seconds = time.monotonic() - started
     used = shares(before, processes(), seconds)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     ended = (after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime) / seconds
     if ended >= 0.005:
         used = sorted([*used, (ended_as, ended)], key=lambda item: -item[1])
-    return result, used
+    usage.used = used
+
+
+def during(work: Callable[[], T],
+           ended_as: str = "ended children") -> tuple[T, list[tuple[str, float]]]:
+    """`work()` and the CPU shares over it (see `measuring`)."""
+    with measuring(ended_as) as usage:
+        result = work()
+    return result, usage.used

@@ -276,9 +276,10 @@ async def measure(urls: dict[str, str], settings: Settings, rates: list[float],
             # settled on this load (ADR 0006: OpenSearch's full JIT still compiled a
             # minute into a run; Kafka keeps its full JIT).
             await client.run(rate, warm_s)
-            before, cpu_before, started = scrape(urls), cpu.processes(), time.monotonic()
-            results, failures = await client.run(rate, seconds)
-            used = cpu.shares(cpu_before, cpu.processes(), time.monotonic() - started)
+            before = scrape(urls)
+            with cpu.measuring() as usage:
+                results, failures = await client.run(rate, seconds)
+            used = usage.used
             after = scrape(urls)
             b50, b99 = percentile(base, .5), percentile(base, .99)
             print(f"\n{rate:.0f} commands/s for {seconds:.0f} s "

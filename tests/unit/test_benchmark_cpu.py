@@ -3,6 +3,7 @@ counts a busy child's time to it."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -74,3 +75,18 @@ def test_a_client_that_ran_and_ended_inside_is_counted_by_its_name() -> None:
     assert done.returncode == 0
     shares = dict(used)
     assert shares["wrk"] > 0.3 and used[0][0] == "wrk", "the busiest first"
+
+
+async def test_an_awaited_load_is_measured_over_the_block() -> None:
+    """As benchmarks.freshness measures its client's coroutine: the block's own CPU
+    is the benchmark's, and the shares are there once the block ends."""
+    with cpu.measuring() as usage:
+        assert usage.used == []
+        async def burn() -> None:  # a coroutine that keeps this process busy
+            started = time.process_time()
+            while time.process_time() - started < 0.2:
+                pass
+
+        await asyncio.gather(burn(), asyncio.sleep(0))
+    shares = dict(usage.used)
+    assert shares["this benchmark"] > 0.5, usage.used
