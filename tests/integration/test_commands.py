@@ -14,11 +14,12 @@ from uuid import UUID, uuid4
 
 import httpx
 import jwt
+import psycopg
 import pytest
 
 from contract import ConsistencyToken, decode_envelope
 from infra.auth import hash_api_key
-from infra.settings import Settings
+from infra.settings import Settings, libpq_url
 from tests.conftest import TEST_JWT_SECRET, component, settings_env
 from tests.helpers import COMMANDS, Person, Tenant
 
@@ -70,10 +71,6 @@ async def test_every_event_gets_an_outbox_row_with_the_exact_envelope_and_header
 ) -> None:
     workflow_id, _ = await tenant.submitted_workflow()
     events = await tenant.events(workflow_id)
-    import psycopg
-
-    from infra.settings import libpq_url
-
     async with await psycopg.AsyncConnection.connect(libpq_url(tenant.database_url)) as conn:
         cur = await conn.execute(
             "SELECT event_id, topic, payload, metadata, status FROM event_store.outbox "
@@ -454,3 +451,33 @@ def test_an_idle_keep_alive_connection_outlives_a_client_s_own_idle_timeout(
                 answer += chunk
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             time.sleep(6)
+
+
+async def test_a_command_that_finds_no_connection_free_in_time_is_a_busy_503_not_a_reset(
+        settings: Settings) -> None:
+    """The pool's only connection is held by a command stuck on a lock, so the next one
+    waits the pool's 10 s for it: the client gets 503 database_busy with Retry-After,
+    not a dropped connection, and the log one line, no traceback."""
+    with component("command-api", settings, "RINGIFLOW_COMMAND_API_PORT",
+                   RINGIFLOW_COMMAND_API_PROCESSES="1", RINGIFLOW_COMMAND_DB_POOL_SIZE="1",
+                   RINGIFLOW_COMMAND_DB_MAX_WAITING="0") as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            tenant = await Tenant(client, TEST_JWT_SECRET, settings.database_url or "").setup()
+            async with await psycopg.AsyncConnection.connect(
+                    libpq_url(settings.database_url or "")) as blocker:
+                await blocker.execute("LOCK TABLE event_store.events IN ACCESS EXCLUSIVE MODE")
+                stuck = asyncio.create_task(tenant.create_workflow("ロック待ち"))
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                busy = await tenant.post(tenant.initiator, "/workflows", {
+                    "definition_id": str(tenant.definition_id), "title": "接続待ち"})
+                waited = time.monotonic() - started
+                await blocker.rollback()
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["code"] == "database_busy" and busy.headers["retry-after"] == "1"
+            assert 9 < waited < 15, waited
+            assert (await stuck)["version"] == 1, "the stuck command lands once the lock goes"
+            log = Path(settings.data_dir, f"command-api-{base.rsplit(':', 1)[1]}.log")
+            text = await asyncio.to_thread(log.read_text)
+            assert "no database connection came free in time" in text
+            assert "Traceback" not in text
