@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
+import shutil
 import threading
 import time
 from functools import cache
@@ -349,6 +351,12 @@ def main() -> None:
                         help="embedded PostgreSQL without fsync (the tests' setting)")
     add_broker_flag(parser)
     args = parser.parse_args()
+    # Checked first, not after a minute of HTTP figures (where it used to crash).
+    if importlib.util.find_spec("eventsourcing") is None:
+        raise SystemExit("the baseline library `eventsourcing` is not installed: "
+                         "pip install -e '.[bench]'")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
 
     def medians(runs: list[tuple[float, list[float]]]) -> tuple[float, list[float]]:
         return median([r[0] for r in runs]), [lat for r in runs for lat in r[1]]
