@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from infra import db
 from infra.embedded import start_broker
 from infra.provision import embedded_system, provision
-from infra.servers import free_port
+from infra.servers import free_port, stop_within
 from infra.settings import Settings, libpq_url
 
 TEST_JWT_SECRET = "test-secret-not-for-production-0123456789"
@@ -99,11 +99,7 @@ def component(name: str, settings: Settings, port_setting: str, **extra_env: str
             time.sleep(0.1)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_within(process, name, 10)
 
 
 @pytest.fixture(scope="session")

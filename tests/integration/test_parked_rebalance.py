@@ -24,7 +24,7 @@ import pytest
 
 import contract
 from infra.kafka import producer
-from infra.servers import free_port
+from infra.servers import free_port, stop_within
 from infra.settings import Settings, libpq_url
 from tests.conftest import settings_env
 from tests.integration.test_streams import read_raw, workflow_rows
@@ -67,11 +67,7 @@ def projector(settings: Settings, name: str, tmp_path: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_within(process, name, 15)
 
 
 def ready(base: str) -> bool:
