@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import importlib.util
 import os
-import shutil
 import threading
 import time
 from functools import cache
@@ -43,6 +42,7 @@ from benchmarks.common import (
     embedded_stack,
     lua_string,
     median,
+    require_wrk,
     summary,
     wrk,
 )
@@ -355,8 +355,7 @@ def main() -> None:
     if importlib.util.find_spec("eventsourcing") is None:
         raise SystemExit("the baseline library `eventsourcing` is not installed: "
                          "pip install -e '.[bench]'")
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
+    require_wrk()
 
     def medians(runs: list[tuple[float, list[float]]]) -> tuple[float, list[float]]:
         return median([r[0] for r in runs]), [lat for r in runs for lat in r[1]]

@@ -127,13 +127,17 @@ class WrkResult:
         return text + (f"  ({self.failed:,} failed)" if self.failed else "")
 
 
+def require_wrk() -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
+
+
 def wrk(url: str, script: str = "", seconds: float = 8, connections: int = 32,
         threads: int = 2) -> WrkResult:
     """Load from `wrk` (Debian package `wrk`): a compiled client in its own process,
     so the figure is the server's, not a Python client's. `script` is wrk Lua
     (request shape); the report hook is added here."""
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk (Debian's package)")
+    require_wrk()
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
         lua.write(script + _WRK_REPORT)
         lua.flush()

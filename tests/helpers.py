@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import httpx
@@ -15,6 +17,8 @@ from psycopg.rows import dict_row
 
 from infra.auth import mint_token
 from infra.settings import libpq_url
+
+T = TypeVar("T")
 
 COMMANDS = "/api/v1/commands"
 
@@ -136,3 +140,14 @@ def listening_pid(url: str) -> int:
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     return next(c.pid for c in psutil.net_connections("tcp")
                 if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], within_s: float = 60.0, *,
+                     every_s: float = 0.2, what: str = "not seen in time") -> T:
+    """Poll `probe` until it answers something truthy, and return that; fail naming
+    `what` once `within_s` has passed."""
+    deadline = time.monotonic() + within_s
+    while not (result := await probe()):
+        assert time.monotonic() < deadline, f"not seen within {within_s:.0f} s: {what}"
+        await asyncio.sleep(every_s)
+    return result

@@ -27,6 +27,7 @@ from infra.kafka import producer
 from infra.servers import free_port, stop_within
 from infra.settings import Settings, libpq_url
 from tests.conftest import settings_env
+from tests.helpers import eventually
 from tests.integration.test_streams import read_raw, workflow_rows
 from tests.scenarios import build_world
 
@@ -91,14 +92,6 @@ def parked_reads(base: str) -> float:
         if line.startswith(f'ringiflow_parked_set_reads_total{{group="{GROUP}"}}'):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("ringiflow_parked_set_reads_total is not on the worker's /metrics")
-
-
-async def eventually(check, within_s: float = 60.0, what: str = "") -> object:
-    deadline = time.monotonic() + within_s
-    while not (result := await check()):
-        assert time.monotonic() < deadline, f"not seen within {within_s:.0f} s: {what}"
-        await asyncio.sleep(0.2)
-    return result
 
 
 def test_a_worker_reads_the_parked_set_again_when_its_partitions_move(

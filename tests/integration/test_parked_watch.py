@@ -7,8 +7,8 @@ without a standing LISTEN every batch reads, as before."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
+from functools import partial
 from uuid import UUID, uuid4
 
 import psycopg
@@ -24,6 +24,7 @@ from projectors.workflows.store import WorkflowStore
 from streams.deadletters import DeadLetters
 from streams.processor import Processor
 from streams.wrappers import RetryPolicy
+from tests import helpers
 from tests.integration.test_streams import Flaky, group_name, records_of, workflow_rows
 from tests.scenarios import build_world
 
@@ -52,11 +53,8 @@ async def release(url: str, group: str) -> None:
                            (group,))
 
 
-async def eventually(check: object, within_s: float = 3.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "not seen in time"
-        await asyncio.sleep(0.01)
+# Changes are heard within milliseconds: poll often, give up soon.
+eventually = partial(helpers.eventually, within_s=3.0, every_s=0.01)
 
 
 async def test_batches_share_one_read_and_see_every_change_another_process_makes(

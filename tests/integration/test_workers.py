@@ -4,7 +4,6 @@ worker -> PostgreSQL, Redis, OpenSearch and the derived topics."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -18,7 +17,7 @@ from infra.settings import Settings, libpq_url
 from projectors.cache.layout import dashboard
 from projectors.search.store import ALIAS
 from tests.conftest import TEST_JWT_SECRET
-from tests.helpers import Tenant
+from tests.helpers import Tenant, eventually
 from tests.integration.test_streams import read_raw
 
 pytestmark = pytest.mark.slow
@@ -29,16 +28,6 @@ async def tenant(system: dict[str, str], isolated: Settings) -> AsyncIterator[Te
     settings = isolated
     async with httpx.AsyncClient(base_url=system["commands"], timeout=30) as client:
         yield await Tenant(client, TEST_JWT_SECRET, settings.database_url or "").setup()
-
-
-async def eventually(probe, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "the read model did not catch up"
-        await asyncio.sleep(0.2)
 
 
 async def test_a_workflow_reaches_every_read_model(tenant: Tenant, isolated: Settings,
