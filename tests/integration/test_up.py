@@ -37,7 +37,9 @@ class Up:
         )
         self.output: list[str] = []
 
-    def wait_until_up(self, timeout: float = 60) -> float:
+    # Generous: on a slow 2-core machine the two JVMs alone took 33 s, and seven Faust
+    # workers then start at once; 60 s failed there though nothing was wrong.
+    def wait_until_up(self, timeout: float = 180) -> float:
         started = time.monotonic()
         assert self.process.stdout is not None
         os.set_blocking(self.process.stdout.fileno(), False)
