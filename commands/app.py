@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from psycopg_pool import AsyncConnectionPool
 
@@ -63,18 +64,23 @@ def command_context(request: Request, principal: Principal, body: schemas.Comman
         raise Problem(422, "invalid_header", "Invalid Idempotency-Key",
                       "Idempotency-Key must be 1-255 visible ASCII characters")
     # The caller is part of the fingerprint: another user's key never replays to you.
-    fingerprint = (f"{principal.user_id} POST {request.url.path} "
-                   + body.model_dump_json(exclude={"expected_version"}))
+    # Only a keyed request is ever compared, so an unkeyed one skips the serialising.
+    fingerprint = "" if idempotency_key is None else (
+        f"{principal.user_id} POST {request.scope['path']} "
+        + body.model_dump_json(exclude={"expected_version"}))
     return CommandContext(principal, uuid4(), correlation_id, trace_id, idempotency_key,
                           body.expected_version, fingerprint)
 
 
-def respond(response: Response, outcome: Outcome) -> dict:
-    response.status_code = outcome.status_code
-    response.headers["X-Correlation-ID"] = outcome.body["correlation_id"]
+def respond(outcome: Outcome) -> Response:
+    """The answer, serialised once: the body already has the documented shape
+    (`schemas.CommandAccepted`, still the routes' response_model for the docs), so
+    FastAPI's validate-and-encode pass would only redo it on every command."""
+    headers = {"X-Correlation-ID": outcome.body["correlation_id"]}
     if outcome.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return outcome.body
+        headers["Idempotent-Replayed"] = "true"
+    return Response(orjson.dumps(outcome.body), outcome.status_code, headers,
+                    media_type="application/json")
 
 
 # Every refusal below the edge, as the status it answers (most specific class first).
@@ -110,24 +116,24 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     @router.post("/users", status_code=201, response_model=schemas.CommandAccepted,
                  summary="RegisterUser")
     async def register_user(body: schemas.RegisterUserBody, request: Request,
-                            response: Response, principal: Auth, key: IdemKey = None) -> dict:
-        return respond(response, await handlers.register_user(
+                            principal: Auth, key: IdemKey = None) -> Response:
+        return respond(await handlers.register_user(
             writer_of(), ctx(request, principal, body, key), body.user_id, body.display_name,
             body.email))
 
     @router.post("/users/{user_id}/rename", response_model=schemas.CommandAccepted,
                  summary="RenameUser")
     async def rename_user(user_id: UUID, body: schemas.RenameUserBody, request: Request,
-                          response: Response, principal: Auth, key: IdemKey = None) -> dict:
-        return respond(response, await handlers.rename_user(
+                          principal: Auth, key: IdemKey = None) -> Response:
+        return respond(await handlers.rename_user(
             writer_of(), ctx(request, principal, body, key), user_id, body.display_name))
 
     @router.post("/users/{user_id}/notification-preferences",
                  response_model=schemas.CommandAccepted, summary="SetNotificationPreferences")
     async def set_notification_preferences(
             user_id: UUID, body: schemas.NotificationPreferencesBody, request: Request,
-            response: Response, principal: Auth, key: IdemKey = None) -> dict:
-        return respond(response, await handlers.set_notification_preferences(
+            principal: Auth, key: IdemKey = None) -> Response:
+        return respond(await handlers.set_notification_preferences(
             writer_of(), ctx(request, principal, body, key), user_id, body.locale,
             tuple(body.channels), body.chat_webhook_url))
 
@@ -136,9 +142,9 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     @router.post("/definitions", status_code=201, response_model=schemas.CommandAccepted,
                  summary="CreateDefinition")
     async def create_definition(body: schemas.CreateDefinitionBody, request: Request,
-                                response: Response, principal: Auth,
-                                key: IdemKey = None) -> dict:
-        return respond(response, await handlers.create_definition(
+                                principal: Auth,
+                                key: IdemKey = None) -> Response:
+        return respond(await handlers.create_definition(
             writer_of(), ctx(request, principal, body, key), body.name,
             [(s.name, s.assignee_id) for s in body.steps], body.description))
 
@@ -147,9 +153,9 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     @router.post("/workflows", status_code=201, response_model=schemas.CommandAccepted,
                  summary="CreateWorkflow")
     async def create_workflow(body: schemas.CreateWorkflowBody, request: Request,
-                              response: Response, principal: Auth,
-                              key: IdemKey = None) -> dict:
-        return respond(response, await handlers.create_workflow(
+                              principal: Auth,
+                              key: IdemKey = None) -> Response:
+        return respond(await handlers.create_workflow(
             writer_of(), ctx(request, principal, body, key), body.definition_id, body.title,
             body.description, body.priority, body.due_date,
             tuple(document_info(d) for d in body.documents)))
@@ -157,8 +163,8 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     def workflow_route(path: str, summary: str, body_type: type[schemas.CommandBody],
                        make: Callable[[Any], domain.Command]) -> None:
         async def handler(workflow_id: UUID, body: body_type, request: Request,  # type: ignore[valid-type]
-                          response: Response, principal: Auth, key: IdemKey = None) -> dict:
-            return respond(response, await handlers.on_workflow(
+                          principal: Auth, key: IdemKey = None) -> Response:
+            return respond(await handlers.on_workflow(
                 writer_of(), ctx(request, principal, body, key), workflow_id, make(body)))
 
         router.add_api_route(f"/workflows/{{workflow_id}}{path}", handler, methods=["POST"],
@@ -179,9 +185,9 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     def step_route(path: str, summary: str, body_type: type[schemas.CommandBody],
                    make: Callable[[UUID, Any], domain.Command]) -> None:
         async def handler(workflow_id: UUID, step_id: UUID, body: body_type,  # type: ignore[valid-type]
-                          request: Request, response: Response, principal: Auth,
-                          key: IdemKey = None) -> dict:
-            return respond(response, await handlers.on_workflow(
+                          request: Request, principal: Auth,
+                          key: IdemKey = None) -> Response:
+            return respond(await handlers.on_workflow(
                 writer_of(), ctx(request, principal, body, key), workflow_id,
                 make(step_id, body)))
 
@@ -199,9 +205,9 @@ def build_router(writer_of: Callable[[], Writer], auth: Authenticator) -> APIRou
     @router.post("/workflows/{workflow_id}/steps/{step_id}/delegate",
                  response_model=schemas.CommandAccepted, summary="DelegateStep")
     async def delegate_step(workflow_id: UUID, step_id: UUID, body: schemas.DelegateBody,
-                            request: Request, response: Response, principal: Auth,
-                            key: IdemKey = None) -> dict:
-        return respond(response, await handlers.delegate_step(
+                            request: Request, principal: Auth,
+                            key: IdemKey = None) -> Response:
+        return respond(await handlers.delegate_step(
             writer_of(), ctx(request, principal, body, key), workflow_id, step_id,
             body.delegate_to, body.comment))
 
