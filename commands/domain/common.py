@@ -5,10 +5,11 @@ Nothing in the domain does I/O or reads the clock (see `commands.domain`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 from contract import EventName, events
@@ -70,6 +71,29 @@ class DomainEvent:
 
     event_type: EventName
     payload: Mapping[str, Any]
+
+
+SnapshotT = TypeVar("SnapshotT", bound=Mapping[str, Any])
+
+
+def built_once(snapshot: Callable[[Any], SnapshotT]) -> Callable[[Any], SnapshotT]:
+    """For the snapshot of a frozen part of an aggregate (a comment, a document, a
+    step): built on first use, then copied. Every event carries the whole aggregate,
+    and the parts outlive many commands in the writer's cache, so without this a
+    workflow's 20th comment would rebuild the 19 before it, str() of every UUID
+    included. The copy is shallow: a caller's change to one event's snapshot never
+    reaches the next."""
+    kept = f"_built_{snapshot.__name__}"
+
+    @functools.wraps(snapshot)
+    def once(part: Any) -> SnapshotT:
+        try:
+            built = part.__dict__[kept]
+        except KeyError:  # frozen: written past __setattr__, outside the fields
+            built = part.__dict__[kept] = snapshot(part)
+        return dict(built)  # type: ignore[return-value]
+
+    return once
 
 
 def iso(moment: datetime) -> str:

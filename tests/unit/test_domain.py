@@ -640,6 +640,25 @@ def test_add_comment(make: Callable[[], WorkflowState]) -> None:
     assert again.comments[0].comment_id != again.comments[1].comment_id
 
 
+def test_a_snapshot_built_once_per_part_still_follows_every_change() -> None:
+    """Steps, comments and documents keep their snapshot (built_once): a changed part
+    is a new value with its own, and a caller editing one event's snapshot leaves the
+    next event's alone."""
+    state = in_progress()
+    _, commented = apply(state, AddComment("first"), DAVE)
+    first = commented.snapshot()
+    first["comments"][0]["body"] = "edited by a caller"
+    first["steps"][0]["status"] = "edited by a caller"
+    _, approved = apply(commented, ApproveStep(state.steps[0].step_id, "ok"), BOB, LATER)
+    again = approved.snapshot()
+    assert again["comments"][0]["body"] == "first"
+    assert [(s["status"], s["decision"], s["comment"]) for s in again["steps"]] == [
+        ("approved", "approved", "ok"), ("pending", None, None)]
+    assert again["steps"][0]["decided_at"] == LATER.isoformat()
+    assert approved.comments[0] is commented.comments[0]  # the part itself carried over
+    assert approved.snapshot() == again == copy.deepcopy(approved).snapshot()
+
+
 def test_add_comment_refusals() -> None:
     refuse(WorkflowState(uuid4()), AddComment("hi"), ALICE, NotFound)
     refuse(draft(), AddComment("  "), ALICE, InvalidCommand)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from commands.domain.common import InvalidCommand, iso, iso_or_none, str_or_none
+from commands.domain.common import InvalidCommand, built_once, iso, iso_or_none, str_or_none
 from contract import (
     TERMINAL_STATUSES,
     CommentSnapshot,
@@ -47,6 +47,7 @@ class StepState:
     comment: str | None = None
     delegated_from: tuple[UUID, ...] = ()
 
+    @built_once
     def snapshot(self) -> StepSnapshot:
         return {
             "step_id": str(self.step_id),
@@ -71,6 +72,7 @@ class Comment:
     body: str
     created_at: datetime
 
+    @built_once
     def snapshot(self) -> CommentSnapshot:
         return {
             "comment_id": str(self.comment_id),
@@ -95,6 +97,7 @@ class Document:
     attached_by_name: str
     attached_at: datetime
 
+    @built_once
     def snapshot(self) -> DocumentSnapshot:
         return {
             "document_id": str(self.document_id),
