@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,11 @@ log = logging.getLogger("ringiflow.up")
 
 SERVER_RESTART_TRIES = 5  # 1 + 2 + 4 + 8 + 16 s of backoff, then give up
 STOP_GRACE_S = 10.0
+# The processes held while a server they need is down cannot stop cleanly anyway (a
+# worker's last offset commit has no broker to reach: the workers took the full 10 s
+# and were killed), and each recovers from a kill by design (the chaos test kills
+# every one): they get a short grace, all at once, so the restart waits for neither.
+HELD_STOP_GRACE_S = 2.0
 
 # Servers the system keeps serving without: caches, counters and search degrade, every
 # command and every other read keeps working (ADR 0006).
@@ -205,10 +211,12 @@ class Supervisor:
             log.error("embedded %s died (code %s; log %s); restarting it in %.0f s, %s",
                       server.name, server.process.returncode, server.log_path, delay, impact)
             watch.restart_at = now + delay
-            for child in self._dependents(key):
+            held = self._dependents(key)
+            for child in held:
                 log.warning("stopping %s until %s is back", child.name, server.name)
                 child.held = True
-                child.stop(STOP_GRACE_S)
+            with ThreadPoolExecutor(max(1, len(held))) as stopping:
+                list(stopping.map(lambda child: child.stop(HELD_STOP_GRACE_S), held))
             return
         if now < watch.restart_at:
             return
