@@ -38,10 +38,10 @@ log = logging.getLogger("ringiflow.up")
 
 SERVER_RESTART_TRIES = 5  # 1 + 2 + 4 + 8 + 16 s of backoff, then give up
 STOP_GRACE_S = 10.0
-# The processes held while a server they need is down cannot stop cleanly anyway (a
-# worker's last offset commit has no broker to reach: the workers took the full 10 s
-# and were killed), and each recovers from a kill by design (the chaos test kills
-# every one): they get a short grace, all at once, so the restart waits for neither.
+# The processes held while a server they need is down recover from a kill by design
+# (the chaos test kills every one), and without a broker they cannot stop cleanly
+# anyway (a worker's last offset commit has nowhere to go: the workers took the full
+# 10 s and were killed): a short grace, all at once, so the restart waits for neither.
 HELD_STOP_GRACE_S = 2.0
 
 # Servers the system keeps serving without: caches, counters and search degrade, every
