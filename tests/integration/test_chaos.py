@@ -35,7 +35,7 @@ from tests.integration.test_up import get, running
 
 RECOVERY_S = 150  # a fault must heal within this, restarts and backoff included
 
-# Each step is bounded by RECOVERY_S on its own; the whole run (start, thirteen
+# Each step is bounded by RECOVERY_S on its own; the whole run (start, eleven
 # faults, drain, verify) took 294 s on a slow 2-core machine, so the suite's
 # 300 s default would cut it off with nothing wrong.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
