@@ -73,6 +73,7 @@ def system(settings: Settings) -> Iterator[dict[str, str]]:
                                for name, port in ports.items()})
     if settings.worker_fetch_max_wait_ms is not None:
         env["RINGIFLOW_WORKER_FETCH_MAX_WAIT_MS"] = str(settings.worker_fetch_max_wait_ms)
+    env["RINGIFLOW_SEARCH_REFRESH_INTERVAL_MS"] = str(settings.search_refresh_interval_ms)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     with ExitStack() as stack:
         for name in ports:
@@ -315,13 +316,18 @@ def main() -> None:
                         help="load at each rate before it is measured (default 2)")
     parser.add_argument("--fetch-wait-ms", type=int, default=None,
                         help="the workers' fetch wait (default: the workers' own default)")
+    parser.add_argument("--search-refresh-ms", type=int,
+                        default=Settings().search_refresh_interval_ms,
+                        help="the search indexer's least time between refreshes (default: "
+                             "the indexer's own)")
     add_broker_flag(parser)
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     print(f"cores: {os.cpu_count()}; broker: {args.broker}; reads wait_ms={WAIT_MS}; "
           "client: one asyncio process (aiohttp)")
     with embedded_stack(broker=args.broker) as stack:
-        settings = stack.model_copy(update={"worker_fetch_max_wait_ms": args.fetch_wait_ms})
+        settings = stack.model_copy(update={"worker_fetch_max_wait_ms": args.fetch_wait_ms,
+                                            "search_refresh_interval_ms": args.search_refresh_ms})
         with system(settings) as urls:
             asyncio.run(measure(urls, settings, rates, args.seconds, args.warm_seconds))
 

@@ -43,7 +43,8 @@ CATALOGUE: dict[str, ProjectionFactory] = {
     "search-indexer": lambda s: Projection(
         "search-indexer", (WORKFLOW_EVENTS.name,), None,
         SearchStore(s.require("opensearch_url"), s.search_alias,
-                    announcer=Announcer(libpq_url(s.role_database_url("projector")), "search"))),
+                    announcer=Announcer(libpq_url(s.role_database_url("projector")), "search"),
+                    refresh_interval_s=s.search_refresh_interval_ms / 1000)),
     "audit-processor": lambda s: Projection(
         "audit-processor", ALL_EVENTS, None,
         DerivedTopicStore(s.require("kafka_bootstrap"), audit_records, side_effect=False)),

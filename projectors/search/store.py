@@ -93,13 +93,18 @@ class Refresher:
     started. A refresh per batch (the bulk's `refresh=true`) cost the real OpenSearch
     ~130 ms each under load, so at 25 commands/s the indexer fell behind refreshing
     batches of one; here refreshes coalesce as the rate grows, and an idle indexer
-    still refreshes right after its bulk (ADR 0009)."""
+    still refreshes right after its bulk. `min_interval_s` spaces their starts: each
+    writes a Lucene segment, ~12 ms of OpenSearch's CPU however little it holds
+    (ADR 0008)."""
 
     RETRY = Backoff(0.5, 5.0)
     CLOSE_WITHIN_S = 5.0
 
-    def __init__(self, client: AsyncOpenSearch, alias: str, announce: Announcer) -> None:
+    def __init__(self, client: AsyncOpenSearch, alias: str, announce: Announcer,
+                 min_interval_s: float = 0.0) -> None:
         self.client, self.alias, self.announce = client, alias, announce
+        self.min_interval_s = min_interval_s
+        self.started_at = -float("inf")  # when the last refresh began
         self.pending: list[Applied] = []
         self.indexed_at: list[float] = []  # when each pending bulk finished, per document
         self.wake = asyncio.Event()
@@ -117,7 +122,12 @@ class Refresher:
         retries = self.RETRY.start()
         while True:
             await self.wake.wait()
+            # An idle indexer's refresh starts at once, a busy one's a floor after the last.
+            if (delay := self.started_at + self.min_interval_s - time.monotonic()) > 0 \
+                    and not self.closing:
+                await asyncio.sleep(delay)
             self.wake.clear()
+            self.started_at = time.monotonic()
             covered, self.pending = self.pending, []
             since, self.indexed_at = self.indexed_at, []
             try:
@@ -157,10 +167,11 @@ class SearchStore:
     the index refreshes on its own schedule."""
 
     def __init__(self, opensearch_url: str, alias: str = ALIAS,
-                 announcer: Announcer | None = None) -> None:
+                 announcer: Announcer | None = None, refresh_interval_s: float = 0.0) -> None:
         self.client = AsyncOpenSearch(hosts=[opensearch_url], timeout=30, max_retries=0)
         self.alias = alias
-        self.refresher = Refresher(self.client, alias, announcer) if announcer else None
+        self.refresher = Refresher(self.client, alias, announcer, refresh_interval_s) \
+            if announcer else None
 
     async def start(self) -> None:
         await ensure_index(self.client, self.alias)

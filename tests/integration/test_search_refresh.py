@@ -6,6 +6,7 @@ while a refresh is running share the next one instead of refreshing once each.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from uuid import uuid4
 
@@ -74,6 +75,59 @@ async def test_bulks_are_announced_once_searchable_and_share_refreshes(
         count = (REGISTRY.get_sample_value(f"{delay}_count") or 0.0) - count_before
         assert count == sum(len(call) for call in announcer.calls)
         assert (REGISTRY.get_sample_value(f"{delay}_sum") or 0.0) - sum_before >= 0.5
+    finally:
+        await store.close()
+        await reader.indices.delete(index=f"{alias}-v1")
+        await reader.close()
+
+
+async def test_refreshes_start_at_most_once_per_interval_and_at_once_after_idle(
+        settings: Settings) -> None:
+    """RINGIFLOW_SEARCH_REFRESH_INTERVAL_MS: a steady trickle of bulks shares one
+    refresh per interval (each writes a segment, whatever it holds), while the first
+    bulk after a quiet spell is refreshed without waiting."""
+    url = settings.require("opensearch_url")
+    alias = f"refresh-test-{uuid4().hex[:8]}"
+    reader = AsyncOpenSearch(hosts=[url])
+    announcer = Checking(reader, alias)
+    interval = 0.3
+    store = SearchStore(url, alias, announcer=announcer, refresh_interval_s=interval)
+    await store.start()
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+    refreshed = asyncio.Event()
+    refresh = store.client.indices.refresh
+
+    async def timed(**kwargs: object) -> object:
+        started.append(loop.time())
+        refreshed.set()
+        return await refresh(**kwargs)
+
+    store.client.indices.refresh = timed  # type: ignore[method-assign]
+    workflows = [e for e in build_world(workflows=10).events
+                 if e.aggregate_type.value == "workflow"][:40]
+    try:
+        first_bulk = loop.time()
+        for event in workflows:  # one bulk every ~50 ms, for ~6 intervals
+            await store.apply([Delivery(event)])
+            await asyncio.sleep(0.05)
+        assert started[0] - first_bulk < interval / 2, "the first refresh after idle waited"
+        gaps = [b - a for a, b in itertools.pairwise(started)]
+        assert len(started) >= 3 and min(gaps) >= interval * 0.95, gaps
+        assert len(started) < len(workflows) / 3, "bulks in one interval share its refresh"
+        # Quiet for longer than the interval: the next bulk is refreshed at once.
+        await asyncio.sleep(interval * 2)
+        refreshed.clear()
+        again = loop.time()
+        await store.apply([Delivery(workflows[0])])
+        await asyncio.wait_for(refreshed.wait(), interval * 2)
+        assert started[-1] - again < interval / 2, "a refresh after a quiet spell waited"
+        assert store.refresher is not None
+        await store.refresher.close()
+        newest = {(e.tenant_id, e.aggregate_id): e.version for e in workflows}
+        announced = {(t, a): v for call in announcer.calls
+                     for t, a, v in sorted(call, key=lambda x: x[2])}
+        assert announced == newest
     finally:
         await store.close()
         await reader.indices.delete(index=f"{alias}-v1")
