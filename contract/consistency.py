@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from uuid import UUID
 
+import orjson
+
 from contract.envelope import AggregateType
 
 # PostgreSQL NOTIFY channel: a projector names what each batch it committed made
@@ -69,9 +71,10 @@ class ConsistencyToken:
     MAX_VERSION: ClassVar[int] = 2**31 - 1  # the events table's integer column
 
     def encode(self) -> str:
-        raw = json.dumps([self.aggregate_type.value, str(self.aggregate_id), self.version],
-                         separators=(",", ":"))
-        return "ct2." + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        # orjson writes what json.dumps with (",", ":") separators does for these values
+        # (ASCII strings, an int), at a tenth of its cost: one per command.
+        raw = orjson.dumps([self.aggregate_type.value, str(self.aggregate_id), self.version])
+        return "ct2." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
     def decode(cls, token: str) -> ConsistencyToken:
