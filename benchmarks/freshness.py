@@ -317,7 +317,7 @@ def main() -> None:
     parser.add_argument("--fetch-wait-ms", type=int, default=None,
                         help="the workers' fetch wait (default: the workers' own default)")
     parser.add_argument("--search-refresh-ms", type=int,
-                        default=Settings().search_refresh_interval_ms,
+                        default=Settings.model_fields["search_refresh_interval_ms"].default,
                         help="the search indexer's least time between refreshes (default: "
                              "the indexer's own)")
     add_broker_flag(parser)
