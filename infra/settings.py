@@ -145,9 +145,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=32, ge=4, le=512)
     search_alias: str = "ringiflow-workflows"  # queries and the indexer use the alias only
-    # The least time between the starts of two of the search indexer's refreshes: each
-    # writes a Lucene segment, ~12 ms of OpenSearch's CPU however little it holds (ADR 0008).
-    search_refresh_interval_ms: int = Field(default=100, ge=0, le=5_000)
+    # The least time between the starts of two of the search indexer's refreshes, besides
+    # its own spacing (a refresh waits as long as the last one took; ADR 0008).
+    search_refresh_interval_ms: int = Field(default=0, ge=0, le=5_000)
 
     jwt_secret: SecretStr | None = None  # HS256 dev secret; generated per data dir if unset
     jwt_jwks_url: str | None = None  # RS256 tokens are verified against this key set

@@ -93,9 +93,10 @@ class Refresher:
     started. A refresh per batch (the bulk's `refresh=true`) cost the real OpenSearch
     ~130 ms each under load, so at 25 commands/s the indexer fell behind refreshing
     batches of one; here refreshes coalesce as the rate grows, and an idle indexer
-    still refreshes right after its bulk. `min_interval_s` spaces their starts: each
-    writes a Lucene segment, ~12 ms of OpenSearch's CPU however little it holds
-    (ADR 0008)."""
+    still refreshes right after its bulk. Each refresh writes a Lucene segment, ~12 ms
+    of OpenSearch's CPU however little it holds, so a busy indexer waits after one as
+    long as it took (refreshing at most half the time: what a slow server needs, and
+    nothing where refreshes are cheap) and `min_interval_s` after it began (ADR 0008)."""
 
     RETRY = Backoff(0.5, 5.0)
     CLOSE_WITHIN_S = 5.0
@@ -104,7 +105,8 @@ class Refresher:
                  min_interval_s: float = 0.0) -> None:
         self.client, self.alias, self.announce = client, alias, announce
         self.min_interval_s = min_interval_s
-        self.started_at = -float("inf")  # when the last refresh began
+        self.started_at = self.ended_at = -float("inf")  # the last refresh's
+        self.took_s = 0.0
         self.pending: list[Applied] = []
         self.indexed_at: list[float] = []  # when each pending bulk finished, per document
         self.wake = asyncio.Event()
@@ -122,9 +124,9 @@ class Refresher:
         retries = self.RETRY.start()
         while True:
             await self.wake.wait()
-            # An idle indexer's refresh starts at once, a busy one's a floor after the last.
-            if (delay := self.started_at + self.min_interval_s - time.monotonic()) > 0 \
-                    and not self.closing:
+            # An idle indexer's refresh starts at once, a busy one's spaced from the last.
+            due = max(self.started_at + self.min_interval_s, self.ended_at + self.took_s)
+            if (delay := due - time.monotonic()) > 0 and not self.closing:
                 await asyncio.sleep(delay)
             self.wake.clear()
             self.started_at = time.monotonic()
@@ -140,7 +142,8 @@ class Refresher:
                 await asyncio.sleep(retries.next())
                 continue
             retries.reset()
-            now = time.monotonic()
+            now = self.ended_at = time.monotonic()
+            self.took_s = now - self.started_at
             observe_many(REFRESH_DELAY, [now - t for t in since])
             await self.announce(covered)
             if self.closing and not self.pending:

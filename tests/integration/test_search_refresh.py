@@ -132,3 +132,44 @@ async def test_refreshes_start_at_most_once_per_interval_and_at_once_after_idle(
         await store.close()
         await reader.indices.delete(index=f"{alias}-v1")
         await reader.close()
+
+
+async def test_a_slow_refresh_is_followed_by_a_pause_as_long_as_it_took(
+        settings: Settings) -> None:
+    """Where refreshes are costly (a loaded OpenSearch), a busy indexer spends at most
+    half its time refreshing; where they are cheap, that spacing costs nothing."""
+    url = settings.require("opensearch_url")
+    alias = f"refresh-test-{uuid4().hex[:8]}"
+    reader = AsyncOpenSearch(hosts=[url])
+    store = SearchStore(url, alias, announcer=Checking(reader, alias))
+    await store.start()
+    loop = asyncio.get_running_loop()
+    spans: list[tuple[float, float]] = []
+    refresh = store.client.indices.refresh
+    slow = 0.2
+
+    async def slowed(**kwargs: object) -> object:
+        began = loop.time()
+        await asyncio.sleep(slow)  # as a refresh on a loaded server takes
+        answer = await refresh(**kwargs)
+        spans.append((began, loop.time()))
+        return answer
+
+    store.client.indices.refresh = slowed  # type: ignore[method-assign]
+    workflows = [e for e in build_world(workflows=10).events
+                 if e.aggregate_type.value == "workflow"][:30]
+    try:
+        for event in workflows:  # one bulk every ~50 ms, for ~1.5 s
+            await store.apply([Delivery(event)])
+            await asyncio.sleep(0.05)
+        assert store.refresher is not None
+        closing = loop.time()
+        await store.refresher.close()  # which refreshes at once: not a busy indexer's
+        busy = [span for span in spans if span[0] < closing]
+        pauses = [began - ended for (_b, ended), (began, _e) in itertools.pairwise(busy)]
+        assert len(busy) >= 3, spans
+        assert min(pauses) >= slow * 0.95, pauses
+    finally:
+        await store.close()
+        await reader.indices.delete(index=f"{alias}-v1")
+        await reader.close()
