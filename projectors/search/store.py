@@ -105,8 +105,8 @@ class Refresher:
                  min_interval_s: float = 0.0) -> None:
         self.client, self.alias, self.announce = client, alias, announce
         self.min_interval_s = min_interval_s
-        self.started_at = self.ended_at = -float("inf")  # the last refresh's
-        self.took_s = 0.0
+        self.started_at = -float("inf")  # when the last refresh began
+        self.quiet_until = -float("inf")  # its end plus as long as it took
         self.pending: list[Applied] = []
         self.indexed_at: list[float] = []  # when each pending bulk finished, per document
         self.wake = asyncio.Event()
@@ -125,7 +125,7 @@ class Refresher:
         while True:
             await self.wake.wait()
             # An idle indexer's refresh starts at once, a busy one's spaced from the last.
-            due = max(self.started_at + self.min_interval_s, self.ended_at + self.took_s)
+            due = max(self.started_at + self.min_interval_s, self.quiet_until)
             if (delay := due - time.monotonic()) > 0 and not self.closing:
                 await asyncio.sleep(delay)
             self.wake.clear()
@@ -142,8 +142,8 @@ class Refresher:
                 await asyncio.sleep(retries.next())
                 continue
             retries.reset()
-            now = self.ended_at = time.monotonic()
-            self.took_s = now - self.started_at
+            now = time.monotonic()
+            self.quiet_until = now + (now - self.started_at)
             observe_many(REFRESH_DELAY, [now - t for t in since])
             await self.announce(covered)
             if self.closing and not self.pending:

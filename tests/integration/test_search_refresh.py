@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from uuid import uuid4
 
 from opensearchpy import AsyncOpenSearch
 from prometheus_client import REGISTRY
 
-from contract import Applied
+from contract import Applied, EventEnvelope
 from infra.settings import Settings
 from projectors.projection import Announcer, Delivery
 from projectors.search.store import SearchStore
@@ -36,49 +37,69 @@ class Checking(Announcer):
         self.calls.append(list(applied))
 
 
-async def test_bulks_are_announced_once_searchable_and_share_refreshes(
-        settings: Settings) -> None:
+@asynccontextmanager
+async def live_indexer(settings: Settings, refresh_interval_s: float = 0.0,
+                       ) -> AsyncIterator[tuple[SearchStore, Checking]]:
+    """A live indexer on an index of its own, and the announcer that checks it; the
+    index is deleted afterwards."""
     url = settings.require("opensearch_url")
     alias = f"refresh-test-{uuid4().hex[:8]}"
     reader = AsyncOpenSearch(hosts=[url])
     announcer = Checking(reader, alias)
-    store = SearchStore(url, alias, announcer=announcer)
+    store = SearchStore(url, alias, announcer=announcer, refresh_interval_s=refresh_interval_s)
     await store.start()
-    refreshes = 0
-    refresh = store.client.indices.refresh
-
-    async def counting(**kwargs: object) -> object:
-        nonlocal refreshes
-        refreshes += 1
-        if refreshes == 1:  # a slow refresh: the bulks meanwhile must wait for one more
-            await asyncio.sleep(0.5)
-        return await refresh(**kwargs)
-
-    store.client.indices.refresh = counting  # type: ignore[method-assign]
-    delay = "ringiflow_search_refresh_delay_seconds"
-    count_before = REGISTRY.get_sample_value(f"{delay}_count") or 0.0
-    sum_before = REGISTRY.get_sample_value(f"{delay}_sum") or 0.0
-    world = build_world(workflows=20)
-    workflows = [e for e in world.events if e.aggregate_type.value == "workflow"]
     try:
+        yield store, announcer
+    finally:
+        await store.close()
+        await reader.indices.delete(index=f"{alias}-v1")
+        await reader.close()
+
+
+def workflow_events(workflows: int) -> list[EventEnvelope]:
+    return [e for e in build_world(workflows=workflows).events
+            if e.aggregate_type.value == "workflow"]
+
+
+def newest(events: Sequence[EventEnvelope]) -> dict[tuple[object, object], int]:
+    return {(e.tenant_id, e.aggregate_id): e.version for e in events}
+
+
+def newest_announced(announcer: Checking) -> dict[tuple[object, object], int]:
+    announced = sorted((x for call in announcer.calls for x in call), key=lambda x: x[2])
+    return {(t, a): v for t, a, v in announced}
+
+
+async def test_bulks_are_announced_once_searchable_and_share_refreshes(
+        settings: Settings) -> None:
+    async with live_indexer(settings) as (store, announcer):
+        refreshes = 0
+        refresh = store.client.indices.refresh
+
+        async def counting(**kwargs: object) -> object:
+            nonlocal refreshes
+            refreshes += 1
+            if refreshes == 1:  # a slow refresh: the bulks meanwhile must wait for one more
+                await asyncio.sleep(0.5)
+            return await refresh(**kwargs)
+
+        store.client.indices.refresh = counting  # type: ignore[method-assign]
+        delay = "ringiflow_search_refresh_delay_seconds"
+        count_before = REGISTRY.get_sample_value(f"{delay}_count") or 0.0
+        sum_before = REGISTRY.get_sample_value(f"{delay}_sum") or 0.0
+        workflows = workflow_events(20)
         batches = [workflows[i:i + 5] for i in range(0, len(workflows), 5)]
         for batch in batches:  # as fast as the agent can: no waiting for visibility
             await store.apply([Delivery(e) for e in batch])
         assert store.refresher is not None
         await store.refresher.close()  # settles: everything indexed is announced
-        announced = {(t, a, v) for call in announcer.calls for t, a, v in call}
-        newest = {(e.tenant_id, e.aggregate_id): e.version for e in workflows}
-        assert {(t, a): v for t, a, v in sorted(announced, key=lambda x: x[2])} == newest
+        assert newest_announced(announcer) == newest(workflows)
         assert refreshes <= 3 < len(batches), "bulks made during a refresh share the next one"
         # Each announced document's wait for its refresh is on the indexer's /metrics,
         # the slow first refresh's 0.5 s included.
         count = (REGISTRY.get_sample_value(f"{delay}_count") or 0.0) - count_before
         assert count == sum(len(call) for call in announcer.calls)
         assert (REGISTRY.get_sample_value(f"{delay}_sum") or 0.0) - sum_before >= 0.5
-    finally:
-        await store.close()
-        await reader.indices.delete(index=f"{alias}-v1")
-        await reader.close()
 
 
 async def test_refreshes_start_at_most_once_per_interval_and_at_once_after_idle(
@@ -86,27 +107,20 @@ async def test_refreshes_start_at_most_once_per_interval_and_at_once_after_idle(
     """RINGIFLOW_SEARCH_REFRESH_INTERVAL_MS: a steady trickle of bulks shares one
     refresh per interval (each writes a segment, whatever it holds), while the first
     bulk after a quiet spell is refreshed without waiting."""
-    url = settings.require("opensearch_url")
-    alias = f"refresh-test-{uuid4().hex[:8]}"
-    reader = AsyncOpenSearch(hosts=[url])
-    announcer = Checking(reader, alias)
     interval = 0.3
-    store = SearchStore(url, alias, announcer=announcer, refresh_interval_s=interval)
-    await store.start()
-    loop = asyncio.get_running_loop()
-    started: list[float] = []
-    refreshed = asyncio.Event()
-    refresh = store.client.indices.refresh
+    async with live_indexer(settings, refresh_interval_s=interval) as (store, announcer):
+        loop = asyncio.get_running_loop()
+        started: list[float] = []
+        refreshed = asyncio.Event()
+        refresh = store.client.indices.refresh
 
-    async def timed(**kwargs: object) -> object:
-        started.append(loop.time())
-        refreshed.set()
-        return await refresh(**kwargs)
+        async def timed(**kwargs: object) -> object:
+            started.append(loop.time())
+            refreshed.set()
+            return await refresh(**kwargs)
 
-    store.client.indices.refresh = timed  # type: ignore[method-assign]
-    workflows = [e for e in build_world(workflows=10).events
-                 if e.aggregate_type.value == "workflow"][:40]
-    try:
+        store.client.indices.refresh = timed  # type: ignore[method-assign]
+        workflows = workflow_events(10)[:40]
         first_bulk = loop.time()
         for event in workflows:  # one bulk every ~50 ms, for ~6 intervals
             await store.apply([Delivery(event)])
@@ -124,42 +138,28 @@ async def test_refreshes_start_at_most_once_per_interval_and_at_once_after_idle(
         assert started[-1] - again < interval / 2, "a refresh after a quiet spell waited"
         assert store.refresher is not None
         await store.refresher.close()
-        newest = {(e.tenant_id, e.aggregate_id): e.version for e in workflows}
-        announced = {(t, a): v for call in announcer.calls
-                     for t, a, v in sorted(call, key=lambda x: x[2])}
-        assert announced == newest
-    finally:
-        await store.close()
-        await reader.indices.delete(index=f"{alias}-v1")
-        await reader.close()
+        assert newest_announced(announcer) == newest(workflows)
 
 
 async def test_a_slow_refresh_is_followed_by_a_pause_as_long_as_it_took(
         settings: Settings) -> None:
     """Where refreshes are costly (a loaded OpenSearch), a busy indexer spends at most
     half its time refreshing; where they are cheap, that spacing costs nothing."""
-    url = settings.require("opensearch_url")
-    alias = f"refresh-test-{uuid4().hex[:8]}"
-    reader = AsyncOpenSearch(hosts=[url])
-    store = SearchStore(url, alias, announcer=Checking(reader, alias))
-    await store.start()
-    loop = asyncio.get_running_loop()
-    spans: list[tuple[float, float]] = []
-    refresh = store.client.indices.refresh
-    slow = 0.2
+    async with live_indexer(settings) as (store, _announcer):
+        loop = asyncio.get_running_loop()
+        spans: list[tuple[float, float]] = []
+        refresh = store.client.indices.refresh
+        slow = 0.2
 
-    async def slowed(**kwargs: object) -> object:
-        began = loop.time()
-        await asyncio.sleep(slow)  # as a refresh on a loaded server takes
-        answer = await refresh(**kwargs)
-        spans.append((began, loop.time()))
-        return answer
+        async def slowed(**kwargs: object) -> object:
+            began = loop.time()
+            await asyncio.sleep(slow)  # as a refresh on a loaded server takes
+            answer = await refresh(**kwargs)
+            spans.append((began, loop.time()))
+            return answer
 
-    store.client.indices.refresh = slowed  # type: ignore[method-assign]
-    workflows = [e for e in build_world(workflows=10).events
-                 if e.aggregate_type.value == "workflow"][:30]
-    try:
-        for event in workflows:  # one bulk every ~50 ms, for ~1.5 s
+        store.client.indices.refresh = slowed  # type: ignore[method-assign]
+        for event in workflow_events(10)[:30]:  # one bulk every ~50 ms, for ~1.5 s
             await store.apply([Delivery(event)])
             await asyncio.sleep(0.05)
         assert store.refresher is not None
@@ -169,7 +169,3 @@ async def test_a_slow_refresh_is_followed_by_a_pause_as_long_as_it_took(
         pauses = [began - ended for (_b, ended), (began, _e) in itertools.pairwise(busy)]
         assert len(busy) >= 3, spans
         assert min(pauses) >= slow * 0.95, pauses
-    finally:
-        await store.close()
-        await reader.indices.delete(index=f"{alias}-v1")
-        await reader.close()
