@@ -1,11 +1,14 @@
 """Group commit: the appends of concurrent commands in one transaction (ADR 0018).
 
-A command whose append finds a transaction free writes it at once, on its own
-connection, together with every append that queued while the process's other
-transactions were in flight (up to `max_batch`); the others wait for their result
-or for a transaction to free up, whichever comes first. Nothing waits on a timer:
-one command alone is appended as before (`store.append`), and batches form only
-from commands that would have queued for the database anyway.
+A command whose append finds a transaction free writes it, on its own connection,
+together with every append that queued while the process's other transactions were
+in flight (up to `max_batch`); the others wait for their result or for a
+transaction to free up, whichever comes first. Before it writes, it lets the
+commands already runnable reach the queue (one turn of the event loop): requests
+that arrived together are one transaction, not a lone first one and the rest after
+it. Nothing waits on a timer: one command alone is appended as before
+(`store.append`), and batches form only from commands that would have queued for
+the database anyway.
 
 Each append keeps its own outcome (ADR 0013, 0016): a refusal undoes that append
 only. An error of the transaction itself (the connection lost) reaches every
@@ -66,7 +69,9 @@ class GroupCommit:
         try:
             while not mine.outcome.done():
                 if self.flushing < self.in_flight:
-                    await self._flush(conn)
+                    await asyncio.sleep(0)  # one turn: the commands runnable now join
+                    if self.flushing < self.in_flight and not mine.outcome.done():
+                        await self._flush(conn)
                     continue
                 if self.freed is None or self.freed.done():
                     self.freed = asyncio.get_running_loop().create_future()

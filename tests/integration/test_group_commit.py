@@ -92,6 +92,21 @@ async def test_concurrent_commands_share_transactions_and_all_land(
         assert await versions(settings, workflow) == [(1, "WorkflowCreated")]
 
 
+
+async def test_commands_that_arrive_together_are_one_transaction(
+        command_pool: AsyncConnectionPool) -> None:
+    """The first to find no transaction in flight lets the commands already runnable
+    reach the queue before it writes (one turn of the event loop, no timer): not a
+    batch of one, then the rest."""
+    group, tenant = GroupCommit(32), uuid4()
+    async with command_pool.connection() as conn:  # only the one writing uses it
+        transactions, appends = batches()
+        outcomes = await asyncio.gather(*(group.append(conn, comment(tenant, uuid4(), 0))
+                                          for _ in range(8)))
+        transactions, appends = batches()[0] - transactions, batches()[1] - appends
+    assert all(isinstance(outcome, int) for outcome in outcomes)
+    assert (transactions, appends) == (1, 8)
+
 async def test_a_race_on_one_stream_inside_batches_never_forks_it(
         command_pool: AsyncConnectionPool, settings: Settings) -> None:
     """Twenty comments at once on one workflow: each that succeeds holds its own version,
