@@ -92,7 +92,6 @@ async def test_concurrent_commands_share_transactions_and_all_land(
         assert await versions(settings, workflow) == [(1, "WorkflowCreated")]
 
 
-
 async def test_commands_that_arrive_together_are_one_transaction(
         command_pool: AsyncConnectionPool) -> None:
     """The first to find no transaction in flight lets the commands already runnable
@@ -106,6 +105,7 @@ async def test_commands_that_arrive_together_are_one_transaction(
         transactions, appends = batches()[0] - transactions, batches()[1] - appends
     assert all(isinstance(outcome, int) for outcome in outcomes)
     assert (transactions, appends) == (1, 8)
+
 
 async def test_a_race_on_one_stream_inside_batches_never_forks_it(
         command_pool: AsyncConnectionPool, settings: Settings) -> None:

@@ -176,7 +176,6 @@ def test_migrations_are_idempotent(settings: Settings) -> None:
     assert db.current_revision(url) == db.head_revision() == "0016"
 
 
-
 def test_ordinary_events_are_stored_uncompressed_and_large_ones_compressed(
         settings: Settings) -> None:
     """Migration 0016: compressing every ~2 kB row was an eighth of the server's CPU
@@ -192,6 +191,7 @@ def test_ordinary_events_are_stored_uncompressed_and_large_ones_compressed(
             "JOIN event_store.outbox o USING (event_id) WHERE e.aggregate_id = ANY(%s)",
             ([ordinary, large],)).fetchall())
     assert stored == {ordinary: (None, None), large: ("pglz", "pglz")}
+
 
 async def test_redis_round_trip(settings: Settings) -> None:
     client = redis_client(settings.redis_url or "")
